@@ -1,0 +1,74 @@
+"""Publishing through a gateway's ``POST /publish`` (for processes without Redis access)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import urllib.parse
+from typing import Any
+
+import orjson
+
+from publisher._message import Message, PublishError
+
+
+class HttpTransport:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.scheme = parsed.scheme
+        self.host = parsed.hostname
+        self.port = parsed.port
+        self.path = parsed.path.rstrip("/") + "/publish"
+        self.token = token
+        self.timeout = timeout
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return cls(self.host, self.port, timeout=self.timeout)
+
+    def _post(self, conn: http.client.HTTPConnection, message: Message) -> str:
+        payload: dict[str, Any] = {"topics": list(message.topics), "data": message.data}
+        if message.event is not None:
+            payload["event"] = message.event
+        headers = {"content-type": "application/json"}
+        if self.token:
+            headers["authorization"] = f"Bearer {self.token}"
+        conn.request("POST", self.path, body=orjson.dumps(payload), headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            reply = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            reply = {}
+        if response.status != 200 or not isinstance(reply, dict) or "id" not in reply:
+            detail = reply.get("message") if isinstance(reply, dict) else None
+            raise PublishError(
+                f"gateway refused the publish ({response.status}): {detail or raw[:200]!r}",
+                status=response.status,
+            )
+        return str(reply["id"])
+
+    def send(self, messages: list[Message]) -> list[str]:
+        conn = self._connect()
+        try:
+            return [self._post(conn, message) for message in messages]
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        pass
+
+
+class AsyncHttpTransport:
+    """The blocking transport run in a worker thread: publishing over HTTP is not a hot path."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.sync = HttpTransport(url, token, timeout)
+
+    async def send(self, messages: list[Message]) -> list[str]:
+        return await asyncio.to_thread(self.sync.send, messages)
+
+    async def close(self) -> None:
+        pass

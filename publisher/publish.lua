@@ -1,0 +1,62 @@
+-- Atomic publish: issue one id from the per-Redis clock, append the frame body to each topic's
+-- stream (trimmed by count and age), then PUBLISH the finished frame on each topic's channel.
+--
+-- KEYS[1] clock, KEYS[2] origin, KEYS[3..] one stream per topic
+-- ARGV[1] frame body (no id line), ARGV[2] max events per topic, ARGV[3] max age in ms (0: none),
+-- ARGV[4..] one channel per topic, in the same order as the streams
+-- Returns the id.
+
+local function split(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+
+local function later(ms, seq, other)
+  local oms, oseq = split(other)
+  if oms > ms or (oms == ms and oseq >= seq) then
+    return oms, oseq + 1
+  end
+  return ms, seq
+end
+
+local t = redis.call('TIME')
+local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local seq = 0
+
+local last = redis.call('GET', KEYS[1])
+if last then
+  ms, seq = later(ms, seq, last)
+else
+  -- The clock is new (first publish, or it was deleted): never issue an id below what a
+  -- surviving stream already holds.
+  for i = 3, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then
+      local info = redis.call('XINFO', 'STREAM', KEYS[i])
+      for j = 1, #info, 2 do
+        if info[j] == 'last-generated-id' then
+          ms, seq = later(ms, seq, info[j + 1])
+        end
+      end
+    end
+  end
+end
+
+local id = string.format('%d-%d', ms, seq)
+redis.call('SET', KEYS[1], id)
+redis.call('SET', KEYS[2], id, 'NX')
+
+local body = ARGV[1]
+local max_events = tonumber(ARGV[2])
+local max_age = tonumber(ARGV[3])
+local frame = 'id: ' .. id .. '\n' .. body
+
+for i = 3, #KEYS do
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_events, id, 'f', body)
+  if max_age > 0 and ms > max_age then
+    redis.call('XTRIM', KEYS[i], 'MINID', '~', string.format('%d-0', ms - max_age))
+  end
+end
+for i = 4, #ARGV do
+  redis.call('PUBLISH', ARGV[i], frame)
+end
+return id
