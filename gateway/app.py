@@ -1,0 +1,204 @@
+"""The Starlette application: routes, engine and hub lifecycle."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.config import Settings
+from gateway.engines.base import Engine, EngineUnavailable
+from gateway.errors import HTTPError, bad_request
+from gateway.hub import Hub
+from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.stream import EventStream
+from publisher import Message, Retention, make_message
+
+log = logging.getLogger("gateway")
+
+
+def make_engine(settings: Settings) -> Engine:
+    retention = Retention(settings.max_events, settings.max_age)
+    if settings.redis_url:
+        from gateway.engines.redis import RedisEngine
+
+        return RedisEngine(
+            settings.redis_url,
+            prefix=settings.prefix,
+            retention=retention,
+            subscribe_timeout=settings.subscribe_timeout,
+        )
+    from gateway.engines.memory import MemoryEngine
+
+    return MemoryEngine(retention)
+
+
+def describe_engine(settings: Settings) -> str:
+    if settings.redis_url:
+        return f"redis engine at {settings.redacted_redis_url()} (key prefix {settings.prefix!r})"
+    return (
+        "in-memory engine (embedded, single process: history is lost on restart and nodes "
+        "do not share events; set --redis-url for production)"
+    )
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_publish_body(raw: bytes) -> Message:
+    try:
+        body: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request("invalid_json", f"body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("invalid_body", "body must be a JSON object")
+    unknown = sorted(set(body) - {"topic", "topics", "event", "data"})
+    if unknown:
+        raise bad_request("unknown_field", f"unknown field {unknown[0]!r}", field=unknown[0])
+    if ("topic" in body) == ("topics" in body):
+        raise bad_request("invalid_topics", "give exactly one of 'topic' or 'topics'")
+    topics = [body["topic"]] if "topic" in body else body["topics"]
+    field = "topic" if "topic" in body else "topics"
+    if not isinstance(topics, list) or not topics or not all(isinstance(t, str) for t in topics):
+        raise bad_request("invalid_topics", f"{field!r} must be a topic string or a non-empty list")
+    if "data" not in body:
+        raise bad_request("missing_data", "field 'data' is required", field="data")
+    event = body.get("event")
+    if event is not None and not isinstance(event, str):
+        raise bad_request("invalid_event", "'event' must be a string", field="event")
+    try:
+        return make_message(topics, body["data"], event)
+    except ValueError as exc:
+        text = str(exc)
+        name = "topics" if "topic" in text else "event" if "event" in text else "data"
+        raise bad_request(f"invalid_{name.rstrip('s')}", text, field=name) from None
+
+
+class Gateway:
+    """Holds one node's parts; the route handlers are its methods."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = make_engine(settings)
+        self.hub = Hub(
+            self.engine, self.metrics, linger=settings.linger, heartbeat=settings.heartbeat
+        )
+        self.stream = EventStream(settings, self.engine, self.hub, self.metrics)
+
+    @property
+    def draining(self) -> bool:
+        return not self.stream.accepting
+
+    def begin_shutdown(self) -> None:
+        """Refuse new streams and end the open ones (each browser reconnects elsewhere)."""
+        self.stream.accepting = False
+        self.hub.close_all("shutdown")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        await self.engine.start()
+        await self.hub.start()
+        log.info("sse-gateway ready: %s", describe_engine(self.settings))
+        try:
+            yield
+        finally:
+            self.begin_shutdown()
+            await self.hub.close()
+            await self.engine.close()
+
+    async def publish(self, request: Request) -> Response:
+        try:
+            if not self.settings.allow_remote_publish and not _is_loopback(
+                request.client.host if request.client else None
+            ):
+                raise HTTPError(
+                    403,
+                    "forbidden",
+                    "POST /publish accepts only loopback clients unless the gateway runs "
+                    "with --allow-remote-publish",
+                )
+            message = parse_publish_body(await self._read_body(request))
+            event_id = await self.engine.publish(message)
+        except HTTPError as exc:
+            self.metrics.rejected.labels(str(exc.status)).inc()
+            return exc.response()
+        except EngineUnavailable as exc:
+            log.warning("publish failed: %s", exc)
+            return HTTPError(503, "engine_unavailable", str(exc), {"retry-after": "1"}).response()
+        self.metrics.published.inc()
+        return JSONResponse({"id": event_id})
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_publish_bytes
+        too_large = HTTPError(413, "body_too_large", f"the body must be at most {limit} bytes")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_large
+        chunks = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not await self.engine.ready():
+            return JSONResponse({"status": "engine unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready", "engine": self.engine.name})
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/events", self.stream),
+            Route("/publish", self.publish, methods=["POST"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+        app = Starlette(
+            routes=routes,
+            lifespan=self.lifespan,
+            exception_handlers={HTTPException: _http_exception},
+        )
+        app.state.gateway = self
+        return app
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return HTTPError(exc.status_code, code, exc.detail, dict(exc.headers or {})).response()
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """The ASGI app; with no settings, they come from ``SSE_GATEWAY_*`` variables."""
+    if settings is None:
+        from gateway.config import settings_from
+
+        settings = settings_from()
+    return Gateway(settings).app()

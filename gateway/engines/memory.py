@@ -1,0 +1,93 @@
+"""The embedded engine: one process, no Redis, the same ids, retention and replay rules."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from gateway.engines.base import Engine, Frame, Position, Replay, check_history, merge_unique
+from publisher import Message, Retention
+from publisher._schema import key_to_id
+
+
+class _History:
+    __slots__ = ("entries", "max_deleted")
+
+    def __init__(self) -> None:
+        self.entries: deque[Frame] = deque()
+        self.max_deleted = 0
+
+
+class MemoryEngine(Engine):
+    name = "memory"
+
+    def __init__(self, retention: Retention | None = None) -> None:
+        super().__init__()
+        self.retention = retention or Retention()
+        self._clock: int | None = None
+        self._origin: int | None = None
+        self._histories: dict[str, _History] = {}
+        self._subscribed: set[str] = set()
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._subscribed.clear()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def subscribe(self, topic: str) -> None:
+        self._subscribed.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._subscribed.discard(topic)
+
+    def _next_id(self) -> str:
+        now = int(time.time() * 1000) << 64
+        key = now if self._clock is None or now > self._clock else self._clock + 1
+        self._clock = key
+        if self._origin is None:
+            self._origin = key
+        return key_to_id(key)
+
+    def _trim(self, history: _History, now_key: int) -> None:
+        entries = self.retention.max_events
+        oldest = now_key - (int(self.retention.max_age * 1000) << 64)
+        while history.entries and (
+            len(history.entries) > entries
+            or (self.retention.max_age and history.entries[0].key < oldest)
+        ):
+            history.max_deleted = history.entries.popleft().key
+
+    async def publish(self, message: Message) -> str:
+        event_id = self._next_id()
+        frame = Frame.from_body(event_id, message.body)
+        for topic in message.topics:
+            history = self._histories.get(topic)
+            if history is None:
+                history = self._histories[topic] = _History()
+            history.entries.append(frame)
+            self._trim(history, frame.key)
+        for topic in message.topics:
+            if topic in self._subscribed:
+                self.on_frame(topic, frame)
+        return event_id
+
+    async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
+        clock = self._clock or 0
+        if position is None:
+            return Replay([], None, clock)
+        histories = [(t, self._histories.get(t) or _History()) for t in topics]
+        reset = check_history(
+            position,
+            topics,
+            self._clock,
+            self._origin,
+            ((t, h.max_deleted) for t, h in histories),
+        )
+        after = position.after_key
+        runs = [[f for f in h.entries if f.key > after] for _, h in histories]
+        return Replay(merge_unique(runs), reset, clock)

@@ -1,0 +1,240 @@
+"""Per-process fan-out: topic -> local subscribers, with ref-counted engine subscriptions.
+
+For each live frame the hub appends the same bytes object to every subscriber of the topic:
+O(1) per (event, subscriber), no JSON, no coroutine call. Each subscriber's writer task joins
+whatever is pending into one chunk, so writes coalesce under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from gateway.engines.base import Engine, Frame
+from gateway.metrics import Metrics
+from publisher._frames import comment
+
+log = logging.getLogger("gateway.hub")
+
+PING = comment("ping")
+
+
+class Subscriber:
+    """One SSE connection's delivery state.
+
+    Until :meth:`go_live`, live frames are held (the replay is still being read); after it,
+    the per-client rule applies: only ids greater than the last one delivered get through.
+    """
+
+    __slots__ = (
+        "chunks",
+        "closed",
+        "held",
+        "last_key",
+        "last_write",
+        "max_pending",
+        "pending_bytes",
+        "reason",
+        "topics",
+        "types",
+        "wake",
+    )
+
+    def __init__(
+        self, topics: tuple[str, ...], types: frozenset[bytes] | None, max_pending: int
+    ) -> None:
+        self.topics = topics
+        self.types = types
+        self.max_pending = max_pending
+        self.last_key = 0
+        self.chunks: list[bytes] = []
+        self.pending_bytes = 0
+        self.held: list[Frame] | None = []
+        self.wake = asyncio.Event()
+        self.closed = False
+        self.reason = ""
+        self.last_write = 0.0
+
+    def offer(self, frame: Frame) -> bool:
+        """Take a live frame; return whether it was queued for this client."""
+        if self.held is not None:
+            self.held.append(frame)
+            self._grow(len(frame.data))
+            return False
+        return self.accept(frame)
+
+    def accept(self, frame: Frame) -> bool:
+        if frame.key <= self.last_key:
+            return False
+        self.last_key = frame.key
+        if self.types is not None and frame.event not in self.types:
+            return False
+        self.chunks.append(frame.data)
+        self._grow(len(frame.data))
+        return True
+
+    def _grow(self, size: int) -> None:
+        self.pending_bytes += size
+        if self.pending_bytes > self.max_pending:
+            self.close("slow_consumer")
+        else:
+            self.wake.set()
+
+    def go_live(self, after_key: int) -> None:
+        """Replay is sent: deliver what arrived meanwhile, then stream live."""
+        held, self.held = self.held or [], None
+        self.last_key = max(self.last_key, after_key)
+        self.pending_bytes = 0
+        for frame in held:
+            self.accept(frame)
+        self.wake.set()
+
+    def write_raw(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self._grow(len(data))
+
+    def take(self) -> bytes:
+        chunk = b"".join(self.chunks)
+        self.chunks.clear()
+        self.pending_bytes = 0
+        return chunk
+
+    def close(self, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.reason = reason
+            self.wake.set()
+
+
+class _Topic:
+    __slots__ = ("linger", "ready", "subscribers")
+
+    def __init__(self, ready: asyncio.Task[None]) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.ready = ready
+        self.linger: asyncio.TimerHandle | None = None
+
+
+class Hub:
+    def __init__(
+        self, engine: Engine, metrics: Metrics, *, linger: float = 2.0, heartbeat: float = 15.0
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.linger = linger
+        self.heartbeat = heartbeat
+        self.subscribers: set[Subscriber] = set()
+        self._topics: dict[str, _Topic] = {}
+        self._timer: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        engine.set_listeners(self.dispatch, self._lost)
+
+    async def start(self) -> None:
+        self._timer = asyncio.create_task(self._heartbeats(), name="sse-gateway heartbeats")
+
+    async def close(self) -> None:
+        self.close_all("shutdown")
+        if self._timer is not None:
+            self._timer.cancel()
+            await asyncio.gather(self._timer, return_exceptions=True)
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def attach(self, sub: Subscriber) -> None:
+        """Register ``sub`` and return once all its topics are subscribed in the engine.
+
+        Raises ``EngineUnavailable`` if a subscribe fails; the caller must still detach."""
+        self.subscribers.add(sub)
+        waits = []
+        for name in sub.topics:
+            topic = self._topics.get(name)
+            if topic is None:
+                topic = self._topics[name] = _Topic(self._subscribe(name))
+            elif topic.ready.done() and (
+                topic.ready.cancelled() or topic.ready.exception() is not None
+            ):
+                topic.ready = self._subscribe(name)
+            if topic.linger is not None:
+                topic.linger.cancel()
+                topic.linger = None
+            topic.subscribers.add(sub)
+            waits.append(topic.ready)
+        self.metrics.hub_topics.set(len(self._topics))
+        for ready in waits:
+            await asyncio.shield(ready)
+
+    def _subscribe(self, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self.engine.subscribe(name))
+        task.add_done_callback(_consume_exception)
+        return task
+
+    def detach(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+        loop = asyncio.get_running_loop()
+        for name in sub.topics:
+            topic = self._topics.get(name)
+            if topic is None:
+                continue
+            topic.subscribers.discard(sub)
+            if not topic.subscribers and topic.linger is None:
+                topic.linger = loop.call_later(self.linger, self._expire, name, topic)
+
+    def _expire(self, name: str, topic: _Topic) -> None:
+        if self._topics.get(name) is not topic or topic.subscribers:
+            return
+        del self._topics[name]
+        self.metrics.hub_topics.set(len(self._topics))
+        if not topic.ready.done():
+            topic.ready.cancel()
+        # The task's first step queues the UNSUBSCRIBE before any later SUBSCRIBE can queue.
+        task = asyncio.create_task(self.engine.unsubscribe(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    def dispatch(self, topic: str, frame: Frame) -> None:
+        state = self._topics.get(topic)
+        if state is None:
+            return
+        delivered = 0
+        for sub in state.subscribers:
+            if sub.offer(frame):
+                delivered += 1
+        self.metrics.observe_dispatch(frame.key, delivered)
+
+    def _lost(self) -> None:
+        """The engine may have missed live frames: drop every stream; each browser reconnects
+        with its Last-Event-ID and replays from history, so nothing is lost."""
+        log.warning("live link lost: closing %d streams for replay", len(self.subscribers))
+        self.close_all("engine_lost")
+        for topic in self._topics.values():
+            if topic.linger is not None:
+                topic.linger.cancel()
+        self._topics.clear()
+        self.metrics.hub_topics.set(0)
+
+    def close_all(self, reason: str, subscribers: Iterable[Subscriber] | None = None) -> None:
+        for sub in list(self.subscribers if subscribers is None else subscribers):
+            sub.close(reason)
+
+    async def _heartbeats(self) -> None:
+        """One timer for every connection: a ping after ``heartbeat`` seconds of silence."""
+        loop = asyncio.get_running_loop()
+        tick = max(0.02, min(1.0, self.heartbeat / 10))
+        while True:
+            await asyncio.sleep(tick)
+            quiet_since = loop.time() - self.heartbeat
+            for sub in self.subscribers:
+                if sub.held is None and not sub.chunks and sub.last_write <= quiet_since:
+                    sub.write_raw(PING)
+
+
+def _consume_exception(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()

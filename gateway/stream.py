@@ -1,0 +1,250 @@
+"""``GET /events``: one SSE connection's lifecycle, as a raw ASGI app.
+
+Order matters for a gapless stream: subscribe (holding live frames), then read the replay,
+then send it, then release the held frames through the per-client id rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+import orjson
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway.config import Settings
+from gateway.engines.base import Engine, EngineUnavailable, Position, Replay
+from gateway.errors import HTTPError, bad_request
+from gateway.hub import Hub, Subscriber
+from gateway.metrics import Metrics
+from publisher._frames import check_field, comment, event, retry
+from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
+
+log = logging.getLogger("gateway.stream")
+
+MAX_QUERY_FIELDS = 256
+MAX_SINCE_MS = 1 << 53
+SHED_REASONS = frozenset({"slow_consumer", "send_timeout"})
+"""Closed without a goodbye: the transport is aborted so a stalled peer cannot pin memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    topics: tuple[str, ...]
+    position: Position | None
+    types: frozenset[bytes] | None
+
+
+def parse_stream_request(scope: Scope) -> StreamRequest:
+    try:
+        fields = parse_qsl(
+            scope["query_string"].decode("latin-1"),
+            keep_blank_values=True,
+            max_num_fields=MAX_QUERY_FIELDS,
+        )
+    except ValueError:
+        raise bad_request(
+            "too_many_parameters", f"at most {MAX_QUERY_FIELDS} query fields"
+        ) from None
+    query: dict[str, list[str]] = {}
+    for name, value in fields:
+        query.setdefault(name, []).append(value)
+
+    topics = tuple(dict.fromkeys(query.get("topic", [])))
+    if not topics:
+        raise bad_request("missing_topic", "give at least one ?topic=")
+    for topic in topics:
+        if not is_valid_topic(topic):
+            raise bad_request(
+                "invalid_topic",
+                f"topic {topic[:300]!r} must be 1-{MAX_TOPIC_LENGTH} characters "
+                "from A-Z a-z 0-9 _ . : / @ -",
+                topic=topic[:300],
+            )
+
+    header_id = None
+    for name, value in scope["headers"]:
+        if name == b"last-event-id":
+            header_id = value.decode("latin-1")
+    last_id = header_id or (query.get("lastEventID") or [""])[-1]
+    position = None
+    if last_id:
+        try:
+            position = Position.after(last_id.strip())
+        except ValueError:
+            raise bad_request(
+                "invalid_last_event_id",
+                f"Last-Event-ID {last_id[:100]!r} is not an event id (<ms>-<seq>)",
+            ) from None
+    elif since := (query.get("since") or [""])[-1]:
+        if not since.isascii() or not since.isdigit() or int(since) > MAX_SINCE_MS:
+            raise bad_request(
+                "invalid_since", f"since {since[:100]!r} must be a time in epoch milliseconds"
+            )
+        position = Position.since(int(since))
+
+    types = None
+    if raw_types := ",".join(query.get("types", [])):
+        names = [t for t in raw_types.split(",") if t]
+        try:
+            types = frozenset(check_field("type", t).encode() for t in names) or None
+        except ValueError as exc:
+            raise bad_request("invalid_types", str(exc)) from None
+    return StreamRequest(topics, position, types)
+
+
+STREAM_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def reset_frame(replay: Replay) -> bytes:
+    """``event: reset``; it carries the clock as its id when nothing follows it, so a client
+    that reconnects afterwards is not told again about the same loss."""
+    assert replay.reset is not None
+    data = {"reason": replay.reset.reason.value, "topics": list(replay.reset.topics)}
+    event_id = None if replay.frames else key_to_id(replay.clock)
+    return event(orjson.dumps(data).decode(), "reset", event_id)
+
+
+class EventStream:
+    def __init__(self, settings: Settings, engine: Engine, hub: Hub, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.hub = hub
+        self.metrics = metrics
+        self.preamble = retry(settings.retry_ms) + comment("ok")
+        self.accepting = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            if scope["method"] not in ("GET", "HEAD"):
+                raise HTTPError(
+                    405, "method_not_allowed", "use GET", headers={"allow": "GET, HEAD"}
+                )
+            request = parse_stream_request(scope)
+            if not self.accepting:
+                raise HTTPError(
+                    503, "draining", "this node is shutting down", headers={"retry-after": "1"}
+                )
+        except HTTPError as exc:
+            self.metrics.rejected.labels(str(exc.status)).inc()
+            await exc(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        if scope["method"] == "HEAD":
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self._serve(request, receive, send)
+
+    async def _serve(self, request: StreamRequest, receive: Receive, send: Send) -> None:
+        sub = Subscriber(request.topics, request.types, self.settings.max_pending_bytes)
+        loop = asyncio.get_running_loop()
+        self.metrics.connections.inc()
+        self.metrics.connections_total.inc()
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        work: asyncio.Task[None] | None = None
+        try:
+            await self._send(send, self.preamble)
+            sub.last_write = loop.time()
+            work = asyncio.create_task(self._run(sub, request, send))
+            await asyncio.wait((watcher, work), return_when=asyncio.FIRST_COMPLETED)
+            if watcher.done():
+                sub.close("client_closed")
+        except TimeoutError:
+            sub.close("send_timeout")
+        finally:
+            for task in (watcher, work):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(watcher, *([work] if work else []), return_exceptions=True)
+            self.hub.detach(sub)
+            self.metrics.connections.dec()
+            self.metrics.disconnects.labels(sub.reason or "closed").inc()
+        if sub.reason in SHED_REASONS:
+            await _abort(send)
+
+    async def _run(self, sub: Subscriber, request: StreamRequest, send: Send) -> None:
+        try:
+            await self.hub.attach(sub)
+            replay = await self.engine.replay(request.topics, request.position)
+        except EngineUnavailable as exc:
+            log.warning("stream refused: %s", exc)
+            sub.close("engine_unavailable")
+            await self._send(send, comment("engine unavailable, retry later"))
+            await self._finish(send)
+            return
+        try:
+            await self._send_replay(sub, replay, send)
+            await self._write_live(sub, send)
+        except TimeoutError:
+            sub.close("send_timeout")
+
+    async def _send_replay(self, sub: Subscriber, replay: Replay, send: Send) -> None:
+        chunks = []
+        after = sub.last_key
+        if replay.reset is not None:
+            chunks.append(reset_frame(replay))
+            self.metrics.resets.labels(replay.reset.reason.value).inc()
+            if not replay.frames:
+                after = replay.clock
+        types = sub.types
+        sent = 0
+        for frame in replay.frames:
+            after = frame.key
+            if types is None or frame.event in types:
+                chunks.append(frame.data)
+                sent += 1
+        if chunks:
+            await self._send(send, b"".join(chunks))
+        if sent:
+            self.metrics.replayed.inc(sent)
+            self.metrics.delivered.inc(sent)
+        sub.go_live(after)
+
+    async def _write_live(self, sub: Subscriber, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await sub.wake.wait()
+            sub.wake.clear()
+            if sub.closed:
+                break
+            chunk = sub.take()
+            if chunk:
+                await self._send(send, chunk)
+                sub.last_write = loop.time()
+        if sub.reason not in SHED_REASONS:
+            await self._finish(send)
+
+    async def _send(self, send: Send, chunk: bytes) -> None:
+        async with asyncio.timeout(self.settings.send_timeout):
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async def _finish(self, send: Send) -> None:
+        try:
+            async with asyncio.timeout(self.settings.send_timeout):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+            pass
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _abort(send: Send) -> None:
+    """Drop the connection without flushing: a stalled peer would hold the buffer forever.
+
+    ASGI has no abort; uvicorn's ``send`` is a bound method of the cycle that owns the
+    transport. Elsewhere, returning without completing the response closes the connection."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None and hasattr(transport, "abort"):
+        transport.abort()
+        await asyncio.sleep(0)
