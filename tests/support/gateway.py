@@ -1,0 +1,94 @@
+"""Gateway nodes as real processes: ``sse-gateway serve`` under uvicorn on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from tests.support.ports import free_port
+
+
+class GatewayProcess:
+    def __init__(self, *args: str, redis_url: str | None = None, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.args = list(args)
+        if redis_url:
+            self.args += ["--redis-url", redis_url]
+        self.env = {**os.environ, **(env or {})}
+        self.env.pop("SSE_GATEWAY_REDIS_URL", None) if not redis_url else None
+        self.log = tempfile.NamedTemporaryFile(prefix="sse-gateway-", suffix=".log", delete=False)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, timeout: float = 15.0) -> GatewayProcess:
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen(
+            [*command, "--log-level", "warning", "--no-access-log", *self.args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gateway exited at start:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def close(self) -> None:
+        self.stop()
+        self.log.close()
+        os.unlink(self.log.name)
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def metric(self, name: str) -> float:
+        """The sum of a metric's samples whose name and labels start with ``name``."""
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name):
+                total += float(line.rsplit(" ", 1)[1])
+        return total

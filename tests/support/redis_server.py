@@ -1,0 +1,111 @@
+"""A throwaway redis-server on a free loopback port (or REDIS_URL, or a testcontainer)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+
+import redis
+
+from tests.support.ports import free_port
+
+INSTALL_HINT = (
+    "redis-server is needed by the tests: install it (Debian/Ubuntu: apt-get install "
+    "redis-server), or set REDIS_URL to a Redis >= 7.0 the tests may use"
+)
+
+
+class RedisServer:
+    """One redis-server process; ``restart`` keeps its port and data directory."""
+
+    def __init__(self, binary: str, *extra: str) -> None:
+        self.binary = binary
+        self.extra = extra
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sse-gateway-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", *self.extra,
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (exit {self.process.poll()})")
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _apt_install() -> str | None:
+    """Install Debian's redis-server when running as root with apt; None if that is impossible."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for args in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        if subprocess.run(args, env=env, capture_output=True).returncode != 0:
+            return None
+    return shutil.which("redis-server")
+
+
+def _docker_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    result = subprocess.run(["docker", "info"], capture_output=True, timeout=10)
+    return result.returncode == 0
+
+
+@contextlib.contextmanager
+def redis_url() -> Iterator[str]:
+    """Yield a Redis URL for the test session, and stop what was started for it."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None and _docker_answers():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as container:
+            host = container.get_container_host_ip()
+            yield f"redis://{host}:{container.get_exposed_port(6379)}/0"
+        return
+    binary = binary or _apt_install()
+    if binary is None:
+        raise RuntimeError(INSTALL_HINT)
+    server = RedisServer(binary)
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.close()

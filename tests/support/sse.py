@@ -1,0 +1,82 @@
+"""A real SSE client for tests: httpx streaming + the WHATWG parser."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+import httpx
+
+from gateway.client import EventParser, ServerEvent, stream_url
+
+
+class SSEStream:
+    """One open stream; events accumulate in ``events`` while ``read`` runs."""
+
+    def __init__(
+        self,
+        base_url: str,
+        topics: Sequence[str],
+        *,
+        last_event_id: str | None = None,
+        since: int | None = None,
+        types: str | None = None,
+        query: str = "",
+    ) -> None:
+        self.url = stream_url(base_url, topics, since, types) + query
+        self.headers = {"accept": "text/event-stream"}
+        if last_event_id is not None:
+            self.headers["last-event-id"] = last_event_id
+        self.parser = EventParser()
+        self.events: list[ServerEvent] = []
+        self.status: int | None = None
+        self.response_headers: httpx.Headers | None = None
+        self.closed_by_server = False
+        self._changed = asyncio.Event()
+
+    async def read(self, client: httpx.AsyncClient) -> None:
+        async with client.stream("GET", self.url, headers=self.headers) as response:
+            self.status = response.status_code
+            self.response_headers = response.headers
+            self._changed.set()
+            async for chunk in response.aiter_raw():
+                self.events.extend(self.parser.feed(chunk))
+                self._changed.set()
+        self.closed_by_server = True
+        self._changed.set()
+
+    async def wait_for(self, predicate: Callable[[SSEStream], bool], timeout: float = 10) -> None:
+        async def loop() -> None:
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+    def data(self) -> list[str]:
+        return [e.data for e in self.events]
+
+
+async def collect(
+    base_url: str,
+    topics: Sequence[str],
+    until: Callable[[SSEStream], bool],
+    timeout: float = 10,
+    **options: object,
+) -> SSEStream:
+    """Open a stream, read until ``until`` holds (or the server closes it), then disconnect."""
+    stream = SSEStream(base_url, topics, **options)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout, read=None)) as client:
+        task = asyncio.create_task(stream.read(client))
+        try:
+            await stream.wait_for(lambda s: s.closed_by_server or until(s), timeout)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return stream
+
+
+def open_stream(client: httpx.AsyncClient, base_url: str, topics: Sequence[str], **options: object
+                ) -> tuple[SSEStream, asyncio.Task[None]]:  # fmt: skip
+    stream = SSEStream(base_url, topics, **options)  # type: ignore[arg-type]
+    return stream, asyncio.create_task(stream.read(client))
