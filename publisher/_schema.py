@@ -16,7 +16,7 @@ DEFAULT_MAX_AGE_SECONDS = 3600.0
 MAX_TOPIC_LENGTH = 256
 
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_.:/@-]{1,256}")
-_ID_RE = re.compile(r"(\d{1,20})-(\d{1,20})")
+_ID_RE = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 _U64 = (1 << 64) - 1
 
 BEGINNING = "0-0"
@@ -94,4 +94,7 @@ class Keys:
 
 
 STREAM_FIELD = "f"
-"""The one field of a stream entry: the frame body without its ``id:`` line."""
+"""The frame body of a stream entry, without its ``id:`` line."""
+
+PREV_FIELD = "p"
+"""The id of the entry before this one in the same stream (``0-0`` for the first)."""

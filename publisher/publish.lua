@@ -1,6 +1,12 @@
 -- Atomic publish: issue one id from the per-Redis clock, append the frame body to each topic's
 -- stream (trimmed by count and age), then PUBLISH the finished frame on each topic's channel.
 --
+-- Each entry also records the id of the entry before it in the same stream ('p'), read before
+-- anything is trimmed. A reader resuming after X knows history is complete when the first entry
+-- after X points back at or before X, and each later entry points at the one before it; any
+-- trimmed or deleted entry breaks that chain. (Redis 7.0 does not move max-deleted-entry-id
+-- when it trims, so that field cannot tell.)
+--
 -- KEYS[1] clock, KEYS[2] origin, KEYS[3..] one stream per topic
 -- ARGV[1] frame body (no id line), ARGV[2] max events per topic, ARGV[3] max age in ms (0: none),
 -- ARGV[4..] one channel per topic, in the same order as the streams
@@ -51,7 +57,9 @@ local max_age = tonumber(ARGV[3])
 local frame = 'id: ' .. id .. '\n' .. body
 
 for i = 3, #KEYS do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_events, id, 'f', body)
+  local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
+  local prev = newest[1] and newest[1][1] or '0-0'
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_events, id, 'f', body, 'p', prev)
   if max_age > 0 and ms > max_age then
     redis.call('XTRIM', KEYS[i], 'MINID', '~', string.format('%d-0', ms - max_age))
   end

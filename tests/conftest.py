@@ -70,6 +70,12 @@ class Node:
     def url(self) -> str:
         return self.gateway.url
 
+    def new_publisher(self) -> Publisher:
+        """Another publisher on the same engine (e.g. for a publishing thread)."""
+        if self.engine == "redis":
+            return Publisher.from_url(self.extra["redis_url"], prefix=self.prefix)
+        return Publisher.from_url(self.url)
+
     def publish(self, topics: str | list[str], data: Any, event: str | None = None) -> str:
         return self.publisher.publish(topics, data, event)
 
@@ -95,7 +101,7 @@ def node_factory(
             gateway = gateway_factory("--prefix", prefix, *retention, *args, redis_url=url)
             pub = Publisher.from_url(url, prefix=prefix, retention=Retention(max_events, max_age))
             client = request.getfixturevalue("redis_client")
-            node = Node(engine, gateway, pub, client, prefix)
+            node = Node(engine, gateway, pub, client, prefix, {"redis_url": url})
         else:
             gateway = gateway_factory(*retention, *args)
             pub = Publisher.from_url(gateway.url)

@@ -101,7 +101,8 @@ def check_history(
 ) -> Reset | None:
     """Whether the events after ``position`` can be replayed in full (see DESIGN.md §4).
 
-    ``trimmed`` pairs each topic with its highest deleted id (0 when nothing was deleted).
+    ``trimmed`` pairs each topic with the highest id known to be missing from its history
+    (0 when none is).
     """
     after = position.after_key
     if not position.from_beginning:

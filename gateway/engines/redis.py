@@ -26,19 +26,18 @@ from gateway.engines.base import (
     Frame,
     Position,
     Replay,
-    Reset,
-    ResetReason,
     check_history,
     merge_unique,
 )
 from publisher import Message, Retention
 from publisher._redis import AsyncRedisTransport, redis_options
-from publisher._schema import STREAM_FIELD, Keys, id_key, key_to_id
+from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 
 log = logging.getLogger("gateway.engine")
 
 REPLAY_PAGE = 1000
-_NO_SUCH_KEY = "no such key"
+_BODY = STREAM_FIELD.encode()
+_PREV = PREV_FIELD.encode()
 
 
 def _key_or_none(value: Any) -> int | None:
@@ -188,50 +187,42 @@ class RedisEngine(Engine):
             clock = await self.client.get(self.keys.clock)
             return Replay([], None, _key_or_none(clock) or 0)
         after = position.after_key
-        cursors = dict.fromkeys(topics, after)
         runs: dict[str, list[Frame]] = {t: [] for t in topics}
-        trimmed_late: set[str] = set()
+        missing = dict.fromkeys(topics, 0)
+        cursors = dict.fromkeys(topics, after)
+        clock_key = origin_key = None
         first = True
-        clock_key: int | None = None
-        origin_key: int | None = None
-        deleted: dict[str, int] = {}
         pending = list(topics)
         while pending:
+            # Each round is atomic; the first also reads the clock, which bounds later rounds,
+            # so every id the replay can miss arrives live (the hub subscribed before this).
             async with self.client.pipeline(transaction=True) as pipe:
                 if first:
                     pipe.get(self.keys.clock)
                     pipe.get(self.keys.origin)
                 upper = "+" if first else key_to_id(clock_key or 0)
                 for topic in pending:
-                    stream = self.keys.stream(topic)
-                    pipe.xinfo_stream(stream)
-                    pipe.xrange(stream, "(" + key_to_id(cursors[topic]), upper, count=REPLAY_PAGE)
-                results = await pipe.execute(raise_on_error=False)
+                    start = "(" + key_to_id(cursors[topic])
+                    pipe.xrange(self.keys.stream(topic), start, upper, count=REPLAY_PAGE)
+                results = await pipe.execute()
             if first:
                 clock_key, origin_key = _key_or_none(results[0]), _key_or_none(results[1])
                 results = results[2:]
+                first = False
             still = []
-            for i, topic in enumerate(pending):
-                info, entries = results[2 * i], results[2 * i + 1]
-                max_deleted = _max_deleted(info)
-                if first:
-                    deleted[topic] = max_deleted
-                elif max_deleted > cursors[topic]:
-                    trimmed_late.add(topic)
-                if isinstance(entries, Exception):
-                    raise entries
+            for topic, entries in zip(pending, results, strict=True):
+                run = runs[topic]
                 for entry_id, fields in entries:
-                    runs[topic].append(Frame.from_body(entry_id, fields[STREAM_FIELD.encode()]))
+                    frame = Frame.from_body(entry_id, fields[_BODY])
+                    prev = id_key(fields.get(_PREV, b"0-0"))
+                    if prev > (run[-1].key if run else after):
+                        missing[topic] = max(missing[topic], prev)
+                    run.append(frame)
                 if len(entries) == REPLAY_PAGE:
-                    cursors[topic] = runs[topic][-1].key
+                    cursors[topic] = run[-1].key
                     still.append(topic)
             pending = still
-            first = False
-        reset = check_history(position, topics, clock_key, origin_key, deleted.items())
-        if trimmed_late:
-            lost = tuple(t for t in topics if t in trimmed_late or (reset and t in reset.topics))
-            reset = reset if reset and reset.reason is not ResetReason.TRIMMED else None
-            reset = reset or Reset(ResetReason.TRIMMED, lost)
+        reset = check_history(position, topics, clock_key, origin_key, missing.items())
         return Replay(merge_unique(list(runs.values())), reset, clock_key or 0)
 
     async def publish(self, message: Message) -> str:
@@ -240,13 +231,3 @@ class RedisEngine(Engine):
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"publish failed: {exc}") from None
 
-
-def _max_deleted(info: Any) -> int:
-    if isinstance(info, Exception):
-        if _NO_SUCH_KEY in str(info).lower():
-            return 0
-        raise info
-    value = info.get("max-deleted-entry-id")
-    if value is None:
-        raise EngineUnavailable("Redis 7.0 or newer is needed (XINFO STREAM max-deleted-entry-id)")
-    return id_key(value)

@@ -71,7 +71,7 @@ def test_serve_without_redis_streams_preamble_heartbeats_and_published_events(
 
 def test_heartbeat_interval_follows_configuration(gateway_factory) -> None:
     gateway = gateway_factory("--heartbeat", "0.4")
-    raw, times = asyncio.run(read_raw(gateway.port, "/events?topic=quiet", b"\x00", timeout=2.2))
+    raw, _ = asyncio.run(read_raw(gateway.port, "/events?topic=quiet", b"\x00", timeout=2.2))
     pings = _dechunk(raw.partition(b"\r\n\r\n")[2]).count(b": ping")
     assert 3 <= pings <= 6, pings
     gateway2 = gateway_factory("--heartbeat", "5")

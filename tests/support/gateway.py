@@ -21,8 +21,9 @@ class GatewayProcess:
         if redis_url:
             self.args += ["--redis-url", redis_url]
         self.env = {**os.environ, **(env or {})}
-        self.env.pop("SSE_GATEWAY_REDIS_URL", None) if not redis_url else None
-        self.log = tempfile.NamedTemporaryFile(prefix="sse-gateway-", suffix=".log", delete=False)
+        self.env.pop("SSE_GATEWAY_REDIS_URL", None)
+        fd, self.log_path = tempfile.mkstemp(prefix="sse-gateway-", suffix=".log")
+        self.log = os.fdopen(fd, "wb")
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -55,7 +56,7 @@ class GatewayProcess:
         raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
-        with open(self.log.name, "rb") as f:
+        with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
@@ -75,7 +76,7 @@ class GatewayProcess:
     def close(self) -> None:
         self.stop()
         self.log.close()
-        os.unlink(self.log.name)
+        os.unlink(self.log_path)
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:

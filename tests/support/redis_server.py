@@ -48,7 +48,8 @@ class RedisServer:
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start (exit {self.process.poll()})")
+                    code = self.process.poll()
+                    raise RuntimeError(f"redis-server did not start (exit {code})") from None
                 time.sleep(0.02)
             finally:
                 client.close()
