@@ -115,6 +115,11 @@ class Gateway:
         await self.engine.start()
         await self.hub.start()
         log.info("sse-gateway ready: %s", describe_engine(self.settings))
+        if self.settings.allow_remote_publish:
+            log.warning(
+                "--allow-remote-publish: POST /publish accepts events from any address "
+                "without authentication"
+            )
         try:
             yield
         finally:

@@ -230,4 +230,3 @@ class RedisEngine(Engine):
             return (await self.transport.send([message]))[0]
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"publish failed: {exc}") from None
-

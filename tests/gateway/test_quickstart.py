@@ -92,3 +92,42 @@ def _dechunk(body: bytes) -> bytes:
         out += rest[:size]
         body = rest[size + 2 :]
     return out
+
+
+def test_tail_prints_events_and_publish_cli_speaks_redis_directly(
+    gateway_factory, redis_url: str, prefix: str
+) -> None:
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    cli = [sys.executable, "-m", "gateway.cli"]
+    tail = subprocess.Popen(
+        [*cli, "tail", "news", "--url", gateway.url, "--count", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        publish = [*cli, "publish", "--url", redis_url, "--prefix", prefix]
+        first = subprocess.run([*publish, "news", "plain"], capture_output=True, text=True)
+        second = subprocess.run(
+            [*publish, "news,other", '{"a": 1}', "--json", "--event", "update"],
+            capture_output=True,
+            text=True,
+        )
+        assert first.returncode == 0, first.stderr
+        assert second.returncode == 0, second.stderr
+        out, _ = tail.communicate(timeout=15)
+    finally:
+        tail.kill()
+        tail.wait()
+    assert out.splitlines() == [
+        f"{first.stdout.strip()}\tmessage\tplain",
+        f'{second.stdout.strip()}\tupdate\t{{"a":1}}',
+    ]
+
+
+def test_publish_cli_reports_a_refused_publish(gateway_factory) -> None:
+    gateway = gateway_factory()
+    cli = [sys.executable, "-m", "gateway.cli", "publish", "--url", gateway.url]
+    result = subprocess.run([*cli, "bad topic", "x"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "invalid topic" in result.stderr

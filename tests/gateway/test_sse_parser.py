@@ -215,7 +215,7 @@ def test_invalid_utf8_is_replaced_not_raised() -> None:
 STREAM = (
     BOM
     + b"retry: 2500\r\n: ok\r\n\r\n"
-    + b"id: 1-0\r\nevent: progress\r\ndata: {\"p\": 1}\r\n\r\n"
+    + b'id: 1-0\r\nevent: progress\r\ndata: {"p": 1}\r\n\r\n'
     + b"id: 2-0\ndata: line one\ndata: line two\n\n"
     + b": ping\n\n"
     + b"event: nodata\n\n"

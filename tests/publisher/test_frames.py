@@ -209,7 +209,18 @@ def test_valid_topics_are_accepted(topic: str) -> None:
 @pytest.mark.parametrize(
     "topic",
     ["", "has space", "star*", "*", "x" * 257, "tab\tx", "new\nline", "trailing\n", "é", "a#b"],
-    ids=["empty", "space", "star", "only-star", "257", "tab", "LF", "trailing-LF", "accent", "hash"],
+    ids=[
+        "empty",
+        "space",
+        "star",
+        "only-star",
+        "257",
+        "tab",
+        "LF",
+        "trailing-LF",
+        "accent",
+        "hash",
+    ],
 )
 def test_invalid_topics_are_rejected_naming_the_topic(topic: str) -> None:
     assert not is_valid_topic(topic)
