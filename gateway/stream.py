@@ -15,7 +15,7 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.config import Settings
-from gateway.engines.base import Engine, EngineUnavailable, Position, Replay
+from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub, Subscriber
 from gateway.metrics import Metrics
@@ -162,6 +162,8 @@ class EventStream:
                 if task is not None and not task.done():
                     task.cancel()
             await asyncio.gather(watcher, *([work] if work else []), return_exceptions=True)
+            if work is not None and not work.cancelled() and work.exception() is not None:
+                log.error("stream failed", exc_info=work.exception())
             self.hub.detach(sub)
             self.metrics.connections.dec()
             self.metrics.disconnects.labels(sub.reason or "closed").inc()
@@ -179,19 +181,24 @@ class EventStream:
             await self._finish(send)
             return
         try:
-            await self._send_replay(sub, replay, send)
+            await self._send_replay(sub, request.position, replay, send)
             await self._write_live(sub, send)
         except TimeoutError:
             sub.close("send_timeout")
 
-    async def _send_replay(self, sub: Subscriber, replay: Replay, send: Send) -> None:
+    async def _send_replay(
+        self, sub: Subscriber, position: Position | None, replay: Replay, send: Send
+    ) -> None:
         chunks = []
-        after = sub.last_key
+        # A client that sent an id has everything up to it, unless a reset says otherwise
+        # (``since`` only bounds the replay: live events flow whatever their time).
+        after = 0
+        if position is not None and position.kind is PositionKind.LAST_EVENT_ID:
+            after = position.after_key
         if replay.reset is not None:
             chunks.append(reset_frame(replay))
             self.metrics.resets.labels(replay.reset.reason.value).inc()
-            if not replay.frames:
-                after = replay.clock
+            after = 0 if replay.frames else replay.clock
         types = sub.types
         sent = 0
         for frame in replay.frames:

@@ -115,10 +115,10 @@ class RedisEngine(Engine):
                 if not self._closing:
                     log.warning("pub/sub link lost: %s", exc)
             finally:
-                had_channels = bool(self._confirmations)
+                was_connected = self._conn is conn
                 self._drop_link()
                 await conn.disconnect()
-                if had_channels and not self._closing:
+                if was_connected and not self._closing:
                     self.on_lost()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
