@@ -33,6 +33,7 @@ class EventParser:
     _data: list[str] = field(default_factory=list)
     _event: str = ""
     _started: bool = False
+    _after_cr: bool = False
 
     def feed(self, chunk: bytes) -> list[ServerEvent]:
         buffer = self._buffer + chunk
@@ -44,6 +45,9 @@ class EventParser:
             buffer = buffer.removeprefix(b"\xef\xbb\xbf")
         events: list[ServerEvent] = []
         start = 0
+        if self._after_cr and buffer[:1] == b"\n":
+            start = 1
+        self._after_cr = False
         size = len(buffer)
         while start < size:
             cr = buffer.find(b"\r", start)
@@ -51,9 +55,12 @@ class EventParser:
             if cr == -1 and lf == -1:
                 break
             if cr != -1 and (lf == -1 or cr < lf):
+                end = cr
                 if cr + 1 == size:
-                    break  # a CR at the end may be half of a CRLF
-                end, after = cr, cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+                    after = size
+                    self._after_cr = True  # the LF of a CRLF may come in the next chunk
+                else:
+                    after = cr + 2 if buffer[cr + 1] == 0x0A else cr + 1
             else:
                 end, after = lf, lf + 1
             self._line(buffer[start:end].decode("utf-8", "replace"), events)

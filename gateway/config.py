@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 ENV_PREFIX = "SSE_GATEWAY_"
 
@@ -51,14 +52,20 @@ class Settings:
         return "redis" if self.redis_url else "memory"
 
     def redacted_redis_url(self) -> str | None:
-        """The Redis URL without its password, for logs."""
+        """The Redis URL without its password (in the user part or the query), for logs."""
         if not self.redis_url:
             return None
         parts = urlsplit(self.redis_url)
-        if parts.password is None:
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = netloc.replace(f":{parts.password}@", ":***@")
+        query = [
+            (name, "***" if name.lower() == "password" else value)
+            for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        if netloc == parts.netloc and all(value != "***" for _, value in query):
             return self.redis_url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
 
 def _flag(name: str) -> str:
@@ -126,6 +133,10 @@ def settings_from(
 
 
 def _validate(settings: Settings) -> None:
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"{_flag(f.name)} must be a finite number")
     positive = ("heartbeat", "max_pending_bytes", "send_timeout", "subscribe_timeout", "max_events")
     for name in positive:
         if getattr(settings, name) <= 0:

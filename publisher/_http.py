@@ -29,7 +29,8 @@ class HttpTransport:
         return cls(self.host, self.port, timeout=self.timeout)
 
     def _post(self, conn: http.client.HTTPConnection, message: Message) -> str:
-        payload: dict[str, Any] = {"topics": list(message.topics), "data": message.data}
+        # The text the Redis transport would store, so both transports deliver the same bytes.
+        payload: dict[str, Any] = {"topics": list(message.topics), "data": message.text}
         if message.event is not None:
             payload["event"] = message.event
         headers = {"content-type": "application/json"}

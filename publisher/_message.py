@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from publisher._frames import check_field, encode_body
+from publisher._frames import check_field, encode_body, serialize_data
 from publisher._schema import check_topic
 
 TopicArg = str | Sequence[str]
@@ -17,6 +17,8 @@ class Message:
     topics: tuple[str, ...]
     data: Any
     event: str | None
+    text: str
+    """``data`` as the text its ``data:`` lines carry."""
     body: bytes
     """The frame body, serialized once here and never again."""
 
@@ -30,7 +32,8 @@ def make_message(topics: TopicArg, data: Any, event: str | None = None) -> Messa
     unique = tuple(dict.fromkeys(names))
     if event is not None:
         check_field("event name", event)
-    return Message(unique, data, event, encode_body(data, event))
+    text = serialize_data(data)
+    return Message(unique, data, event, text, encode_body(text, event))
 
 
 class PublishError(Exception):

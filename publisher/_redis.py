@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis
 import redis.asyncio
+from redis.exceptions import NoScriptError
 
 from publisher._message import Message
 from publisher._schema import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys
 
 PUBLISH_SCRIPT = resources.files("publisher").joinpath("publish.lua").read_text("utf-8")
+SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,8 @@ class Retention:
     def __post_init__(self) -> None:
         if self.max_events < 1:
             raise ValueError("max_events must be at least 1")
-        if self.max_age < 0:
-            raise ValueError("max_age must be >= 0")
+        if not math.isfinite(self.max_age) or self.max_age < 0:
+            raise ValueError("max_age must be a finite number >= 0")
 
 
 def redis_options() -> dict[str, Any]:
@@ -53,22 +57,44 @@ def _decode(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
+def _unloaded(results: list[Any]) -> list[int]:
+    """Indexes of results that failed only because Redis did not have the script (so the
+    script did not run, and sending them again publishes nothing twice)."""
+    failed = []
+    for index, result in enumerate(results):
+        if isinstance(result, NoScriptError):
+            failed.append(index)
+        elif isinstance(result, Exception):
+            raise result
+    return failed
+
+
 class RedisTransport:
+    """EVALSHA in one pipeline: one round trip per batch (redis-py's ``Script`` in a pipeline
+    would first ask ``SCRIPT EXISTS``, a second round trip)."""
+
     def __init__(self, client: redis.Redis, keys: Keys, retention: Retention) -> None:
         self.client = client
         self.keys = keys
         self.retention = retention
-        self.script = client.register_script(PUBLISH_SCRIPT)
+        self.sha = SCRIPT_SHA
 
-    def send(self, messages: list[Message]) -> list[str]:
-        if len(messages) == 1:
-            script_keys, args = script_call(self.keys, self.retention, messages[0])
-            return [_decode(self.script(keys=script_keys, args=args))]
+    def _run(self, messages: list[Message]) -> list[Any]:
         with self.client.pipeline(transaction=False) as pipe:
             for message in messages:
                 script_keys, args = script_call(self.keys, self.retention, message)
-                self.script(keys=script_keys, args=args, client=pipe)
-            return [_decode(v) for v in pipe.execute()]
+                pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+            return pipe.execute(raise_on_error=False)
+
+    def send(self, messages: list[Message]) -> list[str]:
+        results = self._run(messages)
+        if failed := _unloaded(results):
+            self.client.script_load(PUBLISH_SCRIPT)
+            for index, result in zip(failed, self._run([messages[i] for i in failed]), strict=True):
+                results[index] = result
+            if _unloaded(results):
+                raise NoScriptError("the publish script could not be loaded")
+        return [_decode(v) for v in results]
 
     def close(self) -> None:
         self.client.close()
@@ -79,17 +105,25 @@ class AsyncRedisTransport:
         self.client = client
         self.keys = keys
         self.retention = retention
-        self.script = client.register_script(PUBLISH_SCRIPT)
+        self.sha = SCRIPT_SHA
 
-    async def send(self, messages: list[Message]) -> list[str]:
-        if len(messages) == 1:
-            script_keys, args = script_call(self.keys, self.retention, messages[0])
-            return [_decode(await self.script(keys=script_keys, args=args))]
+    async def _run(self, messages: list[Message]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for message in messages:
                 script_keys, args = script_call(self.keys, self.retention, message)
-                await self.script(keys=script_keys, args=args, client=pipe)
-            return [_decode(v) for v in await pipe.execute()]
+                pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
+    async def send(self, messages: list[Message]) -> list[str]:
+        results = await self._run(messages)
+        if failed := _unloaded(results):
+            await self.client.script_load(PUBLISH_SCRIPT)
+            retried = await self._run([messages[i] for i in failed])
+            for index, result in zip(failed, retried, strict=True):
+                results[index] = result
+            if _unloaded(results):
+                raise NoScriptError("the publish script could not be loaded")
+        return [_decode(v) for v in results]
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -61,7 +61,8 @@ for i = 3, #KEYS do
   local prev = newest[1] and newest[1][1] or '0-0'
   redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_events, id, 'f', body, 'p', prev)
   if max_age > 0 and ms > max_age then
-    redis.call('XTRIM', KEYS[i], 'MINID', '~', string.format('%d-0', ms - max_age))
+    -- Exact: '~' only drops whole stream nodes, so a small topic would never age out.
+    redis.call('XTRIM', KEYS[i], 'MINID', string.format('%d-0', ms - max_age))
   end
 end
 for i = 4, #ARGV do
