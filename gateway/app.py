@@ -22,6 +22,8 @@ from gateway.hub import Hub
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.stream import EventStream
 from publisher import Message, Retention, make_message
+from publisher._frames import check_field
+from publisher._schema import check_topic
 
 log = logging.getLogger("gateway")
 
@@ -55,9 +57,12 @@ def _is_loopback(host: str | None) -> bool:
     if not host:
         return False
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def parse_publish_body(raw: bytes) -> Message:
@@ -78,15 +83,21 @@ def parse_publish_body(raw: bytes) -> Message:
         raise bad_request("invalid_topics", f"{field!r} must be a topic string or a non-empty list")
     if "data" not in body:
         raise bad_request("missing_data", "field 'data' is required", field="data")
+    for topic in topics:
+        try:
+            check_topic(topic)
+        except ValueError as exc:
+            raise bad_request("invalid_topic", str(exc), field=field, topic=topic[:300]) from None
     event = body.get("event")
-    if event is not None and not isinstance(event, str):
-        raise bad_request("invalid_event", "'event' must be a string", field="event")
+    if event is not None:
+        try:
+            check_field("event name", event)
+        except ValueError as exc:
+            raise bad_request("invalid_event", str(exc), field="event") from None
     try:
         return make_message(topics, body["data"], event)
     except ValueError as exc:
-        text = str(exc)
-        name = "topics" if "topic" in text else "event" if "event" in text else "data"
-        raise bad_request(f"invalid_{name.rstrip('s')}", text, field=name) from None
+        raise bad_request("invalid_data", str(exc), field="data") from None
 
 
 class Gateway:

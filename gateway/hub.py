@@ -18,6 +18,9 @@ from publisher._frames import comment
 log = logging.getLogger("gateway.hub")
 
 PING = comment("ping")
+SHED_REASONS = frozenset({"slow_consumer", "send_timeout"})
+"""Closes that shed load: the writer is cancelled at once (it may be stuck waiting for a peer
+that does not read) and the transport is aborted rather than flushed."""
 
 
 class Subscriber:
@@ -39,6 +42,7 @@ class Subscriber:
         "topics",
         "types",
         "wake",
+        "writer",
     )
 
     def __init__(
@@ -55,9 +59,13 @@ class Subscriber:
         self.closed = False
         self.reason = ""
         self.last_write = 0.0
+        self.writer: asyncio.Task[None] | None = None
+        """The task that writes to this client; cancelled when the client is shed."""
 
     def offer(self, frame: Frame) -> bool:
         """Take a live frame; return whether it was queued for this client."""
+        if self.closed:
+            return False
         if self.held is not None:
             self.held.append(frame)
             self._grow(len(frame.data))
@@ -91,6 +99,8 @@ class Subscriber:
         self.wake.set()
 
     def write_raw(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.chunks.append(data)
         self._grow(len(data))
 
@@ -101,10 +111,15 @@ class Subscriber:
         return chunk
 
     def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self.reason = reason
-            self.wake.set()
+        if self.closed:
+            return
+        self.closed = True
+        self.reason = reason
+        self.chunks.clear()
+        self.held = None
+        self.wake.set()
+        if reason in SHED_REASONS and self.writer is not None:
+            self.writer.cancel()
 
 
 class _Topic:

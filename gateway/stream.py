@@ -17,7 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.config import Settings
 from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
-from gateway.hub import Hub, Subscriber
+from gateway.hub import SHED_REASONS, Hub, Subscriber
 from gateway.metrics import Metrics
 from publisher._frames import check_field, comment, event, retry
 from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
@@ -26,8 +26,6 @@ log = logging.getLogger("gateway.stream")
 
 MAX_QUERY_FIELDS = 256
 MAX_SINCE_MS = 1 << 53
-SHED_REASONS = frozenset({"slow_consumer", "send_timeout"})
-"""Closed without a goodbye: the transport is aborted so a stalled peer cannot pin memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +149,7 @@ class EventStream:
         try:
             await self._send(send, self.preamble)
             sub.last_write = loop.time()
-            work = asyncio.create_task(self._run(sub, request, send))
+            work = sub.writer = asyncio.create_task(self._run(sub, request, send))
             await asyncio.wait((watcher, work), return_when=asyncio.FIRST_COMPLETED)
             if watcher.done():
                 sub.close("client_closed")

@@ -108,8 +108,9 @@ async def warm_up(node: Node, stream: SSEStream) -> None:
 
 
 async def run_flow(node: Node, metric: str, total: int) -> Flow:
-    """Stream ``total`` large events to ``stalled`` and a healthy client, in lock-step batches
-    (each batch is read by the healthy client before the next is published)."""
+    """Publish ``total`` large events to TOPIC while a healthy client reads them, in lock-step
+    batches (each batch is read by the healthy client before the next is published); watch
+    the gateway's RSS and when ``metric`` (a disconnect reason) first counts a drop."""
     gateway = node.gateway
     timeout = httpx.Timeout(30, read=None)
     async with httpx.AsyncClient(timeout=timeout) as client:
