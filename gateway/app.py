@@ -11,9 +11,10 @@ from typing import Any
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Settings
 from gateway.engines.base import Engine, EngineUnavailable
@@ -151,6 +152,8 @@ class Gateway:
                 )
             message = parse_publish_body(await self._read_body(request))
             event_id = await self.engine.publish(message)
+        except ClientDisconnect:
+            return Response(status_code=400)
         except HTTPError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
             return exc.response()
@@ -188,9 +191,8 @@ class Gateway:
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
         routes = [
-            Route("/events", self.stream),
             Route("/publish", self.publish, methods=["POST"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
@@ -202,7 +204,24 @@ class Gateway:
             exception_handlers={HTTPException: _http_exception},
         )
         app.state.gateway = self
-        return app
+        return StreamRouter(self.stream, app)
+
+
+class StreamRouter:
+    """Sends ``/events`` straight to the stream handler, everything else to Starlette.
+
+    The stream must see the server's own ``send``: Starlette's middleware wraps it, which
+    costs a call per write and hides the transport that a slow consumer's abort needs."""
+
+    def __init__(self, stream: ASGIApp, app: Starlette) -> None:
+        self.stream = stream
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/events":
+            await self.stream(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -211,7 +230,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return HTTPError(exc.status_code, code, exc.detail, dict(exc.headers or {})).response()
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
+def create_app(settings: Settings | None = None) -> ASGIApp:
     """The ASGI app; with no settings, they come from ``SSE_GATEWAY_*`` variables."""
     if settings is None:
         from gateway.config import settings_from

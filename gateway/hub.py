@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from gateway.engines.base import Engine, Frame
 from gateway.metrics import Metrics
 from publisher._frames import comment
+from publisher._schema import key_to_id
 
 log = logging.getLogger("gateway.hub")
 
@@ -31,6 +32,7 @@ class Subscriber:
     """
 
     __slots__ = (
+        "behind",
         "chunks",
         "closed",
         "held",
@@ -61,6 +63,8 @@ class Subscriber:
         self.last_write = 0.0
         self.writer: asyncio.Task[None] | None = None
         """The task that writes to this client; cancelled when the client is shed."""
+        self.behind = False
+        """Filtered-out frames advanced ``last_key`` past the last id the client was sent."""
 
     def offer(self, frame: Frame) -> bool:
         """Take a live frame; return whether it was queued for this client."""
@@ -77,6 +81,7 @@ class Subscriber:
             return False
         self.last_key = frame.key
         if self.types is not None and frame.event not in self.types:
+            self.behind = True
             return False
         self.chunks.append(frame.data)
         self._grow(len(frame.data))
@@ -103,6 +108,12 @@ class Subscriber:
             return
         self.chunks.append(data)
         self._grow(len(data))
+
+    def position_line(self) -> bytes:
+        """An id with no data: the browser adopts it as its Last-Event-ID without an event, so
+        a reconnect does not replay what the ``types`` filter already skipped."""
+        self.behind = False
+        return b"id: " + key_to_id(self.last_key).encode() + b"\n\n"
 
     def take(self) -> bytes:
         chunk = b"".join(self.chunks)
@@ -153,6 +164,7 @@ class Hub:
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
 
     @property
     def topic_count(self) -> int:
@@ -202,10 +214,13 @@ class Hub:
     def _expire(self, name: str, topic: _Topic) -> None:
         if self._topics.get(name) is not topic or topic.subscribers:
             return
+        if not topic.ready.done():
+            # Cancelling a send in progress would drop the shared link: wait for it to settle.
+            loop = asyncio.get_running_loop()
+            topic.linger = loop.call_later(self.linger or 0.05, self._expire, name, topic)
+            return
         del self._topics[name]
         self.metrics.hub_topics.set(len(self._topics))
-        if not topic.ready.done():
-            topic.ready.cancel()
         # The task's first step queues the UNSUBSCRIBE before any later SUBSCRIBE can queue.
         task = asyncio.create_task(self.engine.unsubscribe(name))
         self._background.add(task)
@@ -231,6 +246,8 @@ class Hub:
         for topic in self._topics.values():
             if topic.linger is not None:
                 topic.linger.cancel()
+            if not topic.ready.done():
+                topic.ready.cancel()  # the link is gone, so no send is in progress
         self._topics.clear()
         self.metrics.hub_topics.set(0)
 
@@ -247,7 +264,7 @@ class Hub:
             quiet_since = loop.time() - self.heartbeat
             for sub in self.subscribers:
                 if sub.held is None and not sub.chunks and sub.last_write <= quiet_since:
-                    sub.write_raw(PING)
+                    sub.write_raw(sub.position_line() + PING if sub.behind else PING)
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:

@@ -7,6 +7,7 @@ then send it, then release the held frames through the per-client id rule.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
@@ -175,8 +176,9 @@ class EventStream:
         except EngineUnavailable as exc:
             log.warning("stream refused: %s", exc)
             sub.close("engine_unavailable")
-            await self._send(send, comment("engine unavailable, retry later"))
-            await self._finish(send)
+            with contextlib.suppress(TimeoutError):
+                await self._send(send, comment("engine unavailable, retry later"))
+                await self._finish(send)
             return
         try:
             await self._send_replay(sub, request.position, replay, send)
@@ -190,7 +192,7 @@ class EventStream:
         chunks = []
         # A client that sent an id has everything up to it, unless a reset says otherwise
         # (``since`` only bounds the replay: live events flow whatever their time).
-        after = 0
+        after = replay.clock if position is None else 0
         if position is not None and position.kind is PositionKind.LAST_EVENT_ID:
             after = position.after_key
         if replay.reset is not None:
@@ -204,6 +206,9 @@ class EventStream:
             if types is None or frame.event in types:
                 chunks.append(frame.data)
                 sent += 1
+        if replay.frames and (types is not None and replay.frames[-1].event not in types):
+            sub.last_key = after
+            chunks.append(sub.position_line())
         if chunks:
             await self._send(send, b"".join(chunks))
         if sent:

@@ -36,12 +36,18 @@ from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 log = logging.getLogger("gateway.engine")
 
 REPLAY_PAGE = 1000
+MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
 _PREV = PREV_FIELD.encode()
 
 
 def _key_or_none(value: Any) -> int | None:
     return None if value is None else id_key(value)
+
+
+def _after(key: int) -> str:
+    """An XRANGE start just after ``key`` (``(max`` is not a valid range in Redis)."""
+    return "(" + key_to_id(key) if key < MAX_KEY else "+"
 
 
 class RedisEngine(Engine):
@@ -114,12 +120,15 @@ class RedisEngine(Engine):
             except (RedisError, OSError, TimeoutError) as exc:
                 if not self._closing:
                     log.warning("pub/sub link lost: %s", exc)
+            except Exception:
+                log.exception("pub/sub reader failed; reconnecting")
             finally:
                 was_connected = self._conn is conn
                 self._drop_link()
-                await conn.disconnect()
+                # Before any await: nothing may attach to the old link once it is gone.
                 if was_connected and not self._closing:
                     self.on_lost()
+                await conn.disconnect()
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
@@ -135,8 +144,13 @@ class RedisEngine(Engine):
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         if kind == b"message":
-            topic = message[1][len(self._channel_prefix) :].decode()
-            self.on_frame(topic, Frame.from_live(message[2]))
+            try:
+                topic = message[1][len(self._channel_prefix) :].decode()
+                frame = Frame.from_live(message[2])
+            except (ValueError, UnicodeDecodeError):
+                log.warning("ignored a message that is not a frame on %r", message[1][:200])
+                return
+            self.on_frame(topic, frame)
         elif kind in (b"subscribe", b"unsubscribe"):
             waiters = self._confirmations.get(message[1])
             if not waiters:
@@ -194,31 +208,36 @@ class RedisEngine(Engine):
         first = True
         pending = list(topics)
         while pending:
-            # Each round is atomic; the first also reads the clock, which bounds later rounds,
-            # so every id the replay can miss arrives live (the hub subscribed before this).
+            # Each round is atomic; the first also reads the clock. Entries after the clock
+            # arrive live (the hub subscribed before this), so they only serve to check the
+            # back-link of what came before them.
             async with self.client.pipeline(transaction=True) as pipe:
                 if first:
                     pipe.get(self.keys.clock)
                     pipe.get(self.keys.origin)
-                upper = "+" if first else key_to_id(clock_key or 0)
                 for topic in pending:
-                    start = "(" + key_to_id(cursors[topic])
-                    pipe.xrange(self.keys.stream(topic), start, upper, count=REPLAY_PAGE)
+                    start = _after(cursors[topic])
+                    pipe.xrange(self.keys.stream(topic), start, "+", count=REPLAY_PAGE)
                 results = await pipe.execute()
             if first:
                 clock_key, origin_key = _key_or_none(results[0]), _key_or_none(results[1])
                 results = results[2:]
                 first = False
+            bound = clock_key or 0
             still = []
             for topic, entries in zip(pending, results, strict=True):
                 run = runs[topic]
+                done = len(entries) < REPLAY_PAGE
                 for entry_id, fields in entries:
                     frame = Frame.from_body(entry_id, fields[_BODY])
                     prev = id_key(fields.get(_PREV, b"0-0"))
                     if prev > (run[-1].key if run else after):
                         missing[topic] = max(missing[topic], prev)
+                    if frame.key > bound:
+                        done = True
+                        break
                     run.append(frame)
-                if len(entries) == REPLAY_PAGE:
+                if not done:
                     cursors[topic] = run[-1].key
                     still.append(topic)
             pending = still

@@ -154,3 +154,13 @@ def test_an_entry_deleted_from_the_middle_of_history_is_a_reset(
     assert stream.events[0].event == "reset"
     assert orjson.loads(stream.events[0].data)["reason"] == "trimmed"
     assert [e.id for e in stream.events[1:]] == [ids[2], ids[4], ids[5]]
+
+
+def test_the_largest_possible_id_is_a_future_reset_not_an_error(node: Node) -> None:
+    current = node.publish("t", "x")
+    top = "18446744073709551615-18446744073709551615"
+    stream = asyncio.run(collect(node.url, ["t"], lambda s: len(s.events) >= 1, last_event_id=top))
+    (reset,) = stream.events
+    assert reset.event == "reset"
+    assert orjson.loads(reset.data)["reason"] == "future_id"
+    assert reset.id == current

@@ -116,3 +116,28 @@ def test_last_event_id_wins_over_since(node: Node) -> None:
         collect(node.url, ["t"], lambda s: len(s.events) >= 1, last_event_id=ids[2], since=0)
     )
     assert stream.data() == ["e3"]
+
+
+def test_a_filtered_stream_keeps_the_browsers_last_event_id_current(node_factory) -> None:
+    """Skipped events still move the client's position (an id line with no data), so a
+    reconnect does not replay what the filter already skipped."""
+    node = node_factory("--heartbeat", "0.3")
+    first = node.publish("t", "a0", event="alpha")
+    skipped_in_replay = node.publish("t", "b0", event="beta")
+
+    async def scenario() -> tuple[str, str, str]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
+            stream, task = open_stream(http, node.url, ["t"], last_event_id=first, types="alpha")
+            try:
+                await stream.wait_for(lambda s: s.parser.last_id == skipped_in_replay)
+                after_replay = stream.parser.last_id
+                skipped_live = await asyncio.to_thread(node.publish, "t", "b1", "beta")
+                await stream.wait_for(lambda s: s.parser.last_id == skipped_live, timeout=5)
+                return after_replay, stream.parser.last_id, skipped_live
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    after_replay, after_live, skipped_live = asyncio.run(scenario())
+    assert after_replay == skipped_in_replay
+    assert after_live == skipped_live

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.conftest import Node, NodeFactory
+from tests.support.gateway import open_sockets
 from tests.support.sse import SSEStream, open_stream
 
 TOPIC = "feed:big"
@@ -235,3 +236,31 @@ def test_a_reading_client_is_never_dropped_at_the_same_limits(node_factory: Node
     assert asyncio.run(scenario()) == [payload(i) for i in range(total)]
     assert node.gateway.metric(SLOW_CONSUMER) == 0
     assert node.gateway.metric(SEND_TIMEOUT) == 0
+
+
+def test_a_shed_client_is_let_go_at_once_not_left_flushing(
+    node_factory: NodeFactory, stalled_clients: list[StalledClient]
+) -> None:
+    """Closing a stalled socket gracefully would wait forever to flush its buffer, pinning the
+    descriptor and the memory; the gateway aborts it instead."""
+    node = node_factory(
+        "--max-pending-bytes", str(256 * 1024), "--send-timeout", "60", "--heartbeat", "60",
+        max_events=50,
+    )  # fmt: skip
+    baseline = open_sockets(node.gateway.pid)
+    stalled = StalledClient(node.gateway.port, TOPIC)
+    stalled_clients.append(stalled)
+    time.sleep(0.5)
+    assert open_sockets(node.gateway.pid) == baseline + 1
+
+    payload = "x" * EVENT_SIZE
+    deadline = time.monotonic() + 30
+    while node.gateway.metric(SLOW_CONSUMER) < 1:
+        assert time.monotonic() < deadline, "the stalled client was never shed"
+        for _ in range(50):
+            node.publish(TOPIC, payload)
+
+    deadline = time.monotonic() + 3
+    while open_sockets(node.gateway.pid) > baseline:
+        assert time.monotonic() < deadline, "the gateway still holds the shed client's socket"
+        time.sleep(0.05)

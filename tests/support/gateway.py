@@ -93,3 +93,15 @@ class GatewayProcess:
             if line.startswith(name):
                 total += float(line.rsplit(" ", 1)[1])
         return total
+
+
+def open_sockets(pid: int) -> int:
+    """How many sockets a process holds open."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                count += 1
+        except OSError:
+            pass
+    return count
