@@ -17,7 +17,7 @@ from gateway.app import _is_loopback
 from publisher._schema import id_key
 from tests.conftest import Node
 from tests.support.gateway import GatewayProcess
-from tests.support.sse import SSEStream, open_stream
+from tests.support.sse import SSEStream, open_stream, until_subscribed
 
 LIMIT = 16 * 1024
 
@@ -59,14 +59,7 @@ async def _subscribed(
 ) -> tuple[SSEStream, asyncio.Task[None]]:
     """Open a stream and return once it is subscribed (a probe event reached it)."""
     stream, task = open_stream(client, node.url, topics)
-    sent = 0
-    while not any(e.event == "probe" for e in stream.events):
-        sent += 1
-        assert sent <= 100, "the stream never got a probe event"
-        await asyncio.to_thread(node.publish, topics, f"probe-{sent}", "probe")
-        await asyncio.sleep(0.1)
-    last = f"probe-{sent}"
-    await stream.wait_for(lambda s: any(e.data == last for e in s.events))
+    await until_subscribed(stream, node.publish, topics)
     return stream, task
 
 

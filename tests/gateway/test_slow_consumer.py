@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Node, NodeFactory
 from tests.support.gateway import open_sockets
-from tests.support.sse import SSEStream, open_stream
+from tests.support.sse import SSEStream, open_stream, until_subscribed
 
 TOPIC = "feed:big"
 EVENT_SIZE = 16 * 1024
@@ -96,16 +96,7 @@ class Flow:
 
 
 async def warm_up(node: Node, stream: SSEStream) -> None:
-    """Publish ``warmup`` events until one reaches ``stream``: from then on the stream (and any
-    client that connected before it) is subscribed, and nothing published is missed."""
-    sent = 0
-    while not any(e.event == "warmup" for e in stream.events):
-        sent += 1
-        assert sent <= 100, "the client never got a warm-up event"
-        await asyncio.to_thread(node.publish, TOPIC, f"warm-{sent}", "warmup")
-        await asyncio.sleep(0.1)
-    last = f"warm-{sent}"
-    await stream.wait_for(lambda s: any(e.data == last for e in s.events))
+    await until_subscribed(stream, node.publish, TOPIC, event="warmup")
 
 
 async def run_flow(node: Node, metric: str, total: int) -> Flow:
