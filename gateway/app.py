@@ -16,7 +16,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.auth import ANONYMOUS, Authorizer, Identity, bearer_token, token_required
 from gateway.config import Settings
+from gateway.cors import CorsMiddleware, CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub
@@ -66,7 +68,7 @@ def _is_loopback(host: str | None) -> bool:
     return address.is_loopback
 
 
-def parse_publish_body(raw: bytes) -> Message:
+def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
     try:
         body: Any = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -82,6 +84,8 @@ def parse_publish_body(raw: bytes) -> Message:
     field = "topic" if "topic" in body else "topics"
     if not isinstance(topics, list) or not topics or not all(isinstance(t, str) for t in topics):
         raise bad_request("invalid_topics", f"{field!r} must be a topic string or a non-empty list")
+    if len(topics) > max_topics:
+        raise bad_request("too_many_topics", f"at most {max_topics} topics per event", field=field)
     if "data" not in body:
         raise bad_request("missing_data", "field 'data' is required", field="data")
     for topic in topics:
@@ -111,7 +115,11 @@ class Gateway:
         self.hub = Hub(
             self.engine, self.metrics, linger=settings.linger, heartbeat=settings.heartbeat
         )
-        self.stream = EventStream(settings, self.engine, self.hub, self.metrics)
+        self.authorizer = Authorizer(settings)
+        self.cors = CorsPolicy(settings.cors_origin)
+        self.stream = EventStream(
+            settings, self.engine, self.hub, self.metrics, self.authorizer, self.cors
+        )
 
     @property
     def draining(self) -> bool:
@@ -126,8 +134,13 @@ class Gateway:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.engine.start()
         await self.hub.start()
+        await self.authorizer.start()
         log.info("sse-gateway ready: %s", describe_engine(self.settings))
-        if self.settings.allow_remote_publish:
+        if not self.settings.auth_enabled:
+            log.warning(
+                "no token key configured: anyone who reaches this node may read every topic"
+            )
+        if self.settings.allow_remote_publish and not self.settings.auth_enabled:
             log.warning(
                 "--allow-remote-publish: POST /publish accepts events from any address "
                 "without authentication"
@@ -138,19 +151,15 @@ class Gateway:
             self.begin_shutdown()
             await self.hub.close()
             await self.engine.close()
+            await self.authorizer.close()
 
     async def publish(self, request: Request) -> Response:
         try:
-            if not self.settings.allow_remote_publish and not _is_loopback(
-                request.client.host if request.client else None
-            ):
-                raise HTTPError(
-                    403,
-                    "forbidden",
-                    "POST /publish accepts only loopback clients unless the gateway runs "
-                    "with --allow-remote-publish",
-                )
-            message = parse_publish_body(await self._read_body(request))
+            identity = await self._publisher_identity(request)
+            raw = await self._read_body(request)
+            message = parse_publish_body(raw, self.settings.max_topics)
+            if self.authorizer.enabled:
+                self.authorizer.check_publish(identity, message.topics)
             event_id = await self.engine.publish(message)
         except ClientDisconnect:
             return Response(status_code=400)
@@ -162,6 +171,25 @@ class Gateway:
             return HTTPError(503, "engine_unavailable", str(exc), {"retry-after": "1"}).response()
         self.metrics.published.inc()
         return JSONResponse({"id": event_id})
+
+    async def _publisher_identity(self, request: Request) -> Identity:
+        """Token mode: a Bearer token (never a query or cookie token, which a cross-site form
+        could send). Without keys: loopback clients only, unless --allow-remote-publish."""
+        if self.authorizer.enabled:
+            token = bearer_token(request.scope["headers"])
+            if token is None:
+                raise token_required()
+            return await self.authorizer.identify(token)
+        if not self.settings.allow_remote_publish and not _is_loopback(
+            request.client.host if request.client else None
+        ):
+            raise HTTPError(
+                403,
+                "forbidden",
+                "POST /publish accepts only loopback clients unless the gateway runs "
+                "with --allow-remote-publish",
+            )
+        return ANONYMOUS
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self.settings.max_publish_bytes
@@ -204,7 +232,7 @@ class Gateway:
             exception_handlers={HTTPException: _http_exception},
         )
         app.state.gateway = self
-        return StreamRouter(self.stream, app)
+        return StreamRouter(self.stream, CorsMiddleware(app, self.cors), self.cors)
 
 
 class StreamRouter:
@@ -213,15 +241,20 @@ class StreamRouter:
     The stream must see the server's own ``send``: Starlette's middleware wraps it, which
     costs a call per write and hides the transport that a slow consumer's abort needs."""
 
-    def __init__(self, stream: ASGIApp, app: Starlette) -> None:
+    def __init__(self, stream: ASGIApp, app: ASGIApp, cors: CorsPolicy) -> None:
         self.stream = stream
         self.app = app
+        self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/events":
-            await self.stream(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            if self.cors.enabled and self.cors.is_preflight(scope):
+                await self.cors.preflight(scope, receive, send)
+                return
+            if scope["path"] == "/events":
+                await self.stream(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
 import socket
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import uvicorn
-from uvicorn.config import LOGGING_CONFIG
 
 from gateway.app import Gateway
-from gateway.config import ENV_PREFIX, Settings, add_arguments, settings_from
+from gateway.config import ENV_PREFIX, Settings, add_arguments, check_exposure, settings_from
+from gateway.logs import log_config
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 
@@ -34,13 +35,6 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def log_config(settings: Settings) -> dict[str, Any]:
-    config = copy.deepcopy(LOGGING_CONFIG)
-    level = settings.log_level.upper()
-    config["loggers"]["gateway"] = {"handlers": ["default"], "level": level, "propagate": False}
-    return config
-
-
 def _has(module: str) -> bool:
     try:
         __import__(module)
@@ -50,6 +44,7 @@ def _has(module: str) -> bool:
 
 
 def serve(settings: Settings) -> int:
+    check_exposure(settings)
     gateway = Gateway(settings)
     config = uvicorn.Config(
         gateway.app(),
@@ -57,7 +52,7 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         loop="uvloop" if _has("uvloop") else "asyncio",
         http="httptools" if _has("httptools") else "h11",
-        log_config=log_config(settings),
+        log_config=log_config(settings.log_level),
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         timeout_graceful_shutdown=5,
@@ -88,6 +83,51 @@ def publish(args: argparse.Namespace) -> int:
     return 0
 
 
+TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> int:
+    """``90``, ``30s``, ``15m``, ``1h`` or ``2d`` as seconds."""
+    text = text.strip().lower()
+    unit = TTL_UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 30s, 15m, 1h, 2d)")
+    return int(number) * (unit or 1)
+
+
+def mint_token(args: argparse.Namespace) -> int:
+    import jwt
+    import jwt.warnings
+
+    secrets = args.jwt_secret or [
+        s for s in os.environ.get(ENV_PREFIX + "JWT_SECRET", "").split(",") if s.strip()
+    ]
+    if not secrets:
+        print(f"token: no secret: give --jwt-secret or set {ENV_PREFIX}JWT_SECRET", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": args.sub,
+        "iat": now,
+        "exp": now + args.ttl,
+        "sse": {
+            "subscribe": [p for text in args.subscribe for p in text.split(",") if p],
+            "publish": [p for text in args.publish for p in text.split(",") if p],
+        },
+    }
+    audience = args.jwt_audience or os.environ.get(ENV_PREFIX + "JWT_AUDIENCE")
+    issuer = args.jwt_issuer or os.environ.get(ENV_PREFIX + "JWT_ISSUER")
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jwt.warnings.InsecureKeyLengthWarning)
+        print(jwt.encode(claims, secrets[0].strip(), algorithm=args.algorithm))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sse-gateway", description="Server-Sent Events gateway on Redis."
@@ -109,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pub.add_argument("--prefix", default=os.environ.get(ENV_PREFIX + "PREFIX", "sse"))
 
+    token = commands.add_parser("token", help="mint a development token from the secret")
+    token.add_argument("--sub", required=True, help="the subject (user) the token is for")
+    token.add_argument(
+        "--subscribe", action="append", default=[], metavar="PATTERNS",
+        help="topic patterns it may read (comma list; repeatable)",
+    )  # fmt: skip
+    token.add_argument(
+        "--publish", action="append", default=[], metavar="PATTERNS",
+        help="topic patterns it may publish to (comma list; repeatable)",
+    )  # fmt: skip
+    token.add_argument(
+        "--ttl", type=parse_ttl, default=3600, help="lifetime: 90, 30s, 15m, 1h, 2d (default 1h)"
+    )
+    token.add_argument(
+        "--jwt-secret", action="append", help=f"the secret (default ${ENV_PREFIX}JWT_SECRET)"
+    )
+    token.add_argument("--jwt-audience", help="the 'aud' claim")
+    token.add_argument("--jwt-issuer", help="the 'iss' claim")
+    token.add_argument("--algorithm", choices=["HS256", "HS384", "HS512"], default="HS256")
+
     tail_parser = commands.add_parser("tail", help="print a stream's events as they arrive")
     tail_parser.add_argument("topics", nargs="+", metavar="TOPIC")
     tail_parser.add_argument("--url", default=DEFAULT_GATEWAY_URL, help="a gateway's URL")
@@ -125,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(settings_from(args))
     if args.command == "publish":
         return publish(args)
+    if args.command == "token":
+        return mint_token(args)
     from gateway.client import tail
 
     logging.basicConfig(level=logging.WARNING)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +46,46 @@ class Settings:
     allow_remote_publish: bool = _opt(
         False, "accept POST /publish from non-loopback addresses without authentication"
     )
+    jwt_secret: tuple[str, ...] = _opt(
+        (), "HMAC secret that verifies tokens; repeat to accept several (rotation)", split=False
+    )
+    jwt_public_key: tuple[str, ...] = _opt(
+        (), "PEM file with a public key or certificate that verifies tokens (repeatable)"
+    )
+    jwks_url: str | None = _opt(None, "JWKS URL whose keys verify tokens (cached, refetched)")
+    jwks_timeout: float = _opt(5.0, "seconds one JWKS fetch may take")
+    jwt_algorithms: tuple[str, ...] = _opt(
+        (), "accepted token algorithms (default: HS* with secrets, RS*/PS*/ES*/EdDSA with keys)"
+    )
+    jwt_audience: str | None = _opt(None, "required 'aud' claim")
+    jwt_issuer: str | None = _opt(None, "required 'iss' claim")
+    jwt_leeway: float = _opt(30.0, "seconds of clock skew allowed on exp and nbf")
+    jwt_require_exp: bool = _opt(True, "refuse tokens without an 'exp' claim")
+    token_cookie: str = _opt("sse_token", "cookie that may carry the token of GET /events")
+    public_topics: tuple[str, ...] = _opt(
+        (), "topic patterns anyone may read without a token (comma list, '*' globs)"
+    )
+    allow_anonymous: bool = _opt(
+        False, "serve without any token key on a non-loopback interface (no authentication)"
+    )
+    cors_origin: tuple[str, ...] = _opt(
+        (), "origin allowed to use the gateway from a browser (repeatable; '*' for any)"
+    )
+    max_connections: int = _opt(10_000, "open streams per node (0: unlimited)")
+    max_connections_per_subject: int = _opt(64, "open streams per token subject (0: unlimited)")
+    max_topics: int = _opt(64, "topics per stream and per publish")
+    connect_rate: float = _opt(
+        20.0, "new streams per second per client address and per subject (0: unlimited)"
+    )
+    max_query_bytes: int = _opt(8192, "longest query string accepted")
+    max_header_bytes: int = _opt(16384, "largest total size of a request's headers")
     log_level: str = _opt("info", "debug, info, warning or error")
     access_log: bool = _opt(True, "log one line per HTTP request")
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Any key is configured: reading non-public topics and publishing need a token."""
+        return bool(self.jwt_secret or self.jwt_public_key or self.jwks_url)
 
     @property
     def engine_name(self) -> str:
@@ -81,8 +121,18 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def _is_list(f: dataclasses.Field[Any]) -> bool:
+    return isinstance(f.default, tuple)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def _convert(f: dataclasses.Field[Any], text: str) -> Any:
     default: Any = f.default
+    if _is_list(f):
+        return _split(text)
     kind: type[Any] = type(default) if default is not None else str
     if kind is bool:
         return _parse_bool(text)
@@ -105,6 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, help=help_text
             )
+        elif _is_list(f):
+            parser.add_argument(
+                _flag(f.name), dest=f.name, metavar=f.name.upper(), action="append",
+                help=help_text + "; repeatable",
+            )  # fmt: skip
         else:
             parser.add_argument(
                 _flag(f.name), dest=f.name, metavar=f.name.upper(), help=help_text,
@@ -121,6 +176,9 @@ def settings_from(
         given = getattr(args, f.name, None) if args is not None else None
         env = environ.get(ENV_PREFIX + f.name.upper())
         if given is not None:
+            if _is_list(f):
+                split = f.metadata.get("split", True)
+                given = tuple(p for text in given for p in (_split(text) if split else [text]))
             values[f.name] = given
         elif env is not None:
             try:
@@ -137,13 +195,75 @@ def _validate(settings: Settings) -> None:
         value = getattr(settings, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise SystemExit(f"{_flag(f.name)} must be a finite number")
-    positive = ("heartbeat", "max_pending_bytes", "send_timeout", "subscribe_timeout", "max_events")
+    positive: tuple[str, ...] = ("heartbeat", "max_pending_bytes", "send_timeout")
+    positive += ("subscribe_timeout", "max_events", "jwks_timeout", "max_topics")
+    positive += ("max_query_bytes", "max_header_bytes")
     for name in positive:
         if getattr(settings, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be greater than 0")
-    for name in ("linger", "max_age", "retry_ms"):
+    at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway")
+    at_least_zero += ("max_connections", "max_connections_per_subject", "connect_rate")
+    for name in at_least_zero:
         if getattr(settings, name) < 0:
             raise SystemExit(f"{_flag(name)} must be 0 or more")
+    _validate_security(settings)
+
+
+SUPPORTED_ALGORITHMS = (
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+)  # fmt: skip
+PATTERN = re.compile(r"[A-Za-z0-9_.:/@*-]{1,256}")
+
+
+def _validate_security(settings: Settings) -> None:
+    for name in settings.jwt_algorithms:
+        if name.lower() == "none":
+            raise SystemExit("--jwt-algorithms: 'none' is never accepted")
+        if name not in SUPPORTED_ALGORITHMS:
+            raise SystemExit(
+                f"--jwt-algorithms: unknown algorithm {name!r} "
+                f"(supported: {', '.join(SUPPORTED_ALGORITHMS)})"
+            )
+    if settings.allow_anonymous and settings.auth_enabled:
+        raise SystemExit(
+            "--allow-anonymous turns authentication off, but a token key is configured: "
+            "choose one (use --public-topics to let anyone read some topics)"
+        )
+    for pattern in settings.public_topics:
+        if not PATTERN.fullmatch(pattern):
+            raise SystemExit(
+                f"--public-topics: {pattern!r} is not a topic pattern "
+                "(1-256 characters from A-Z a-z 0-9 _ . : / @ - and *)"
+            )
+    if "*" in settings.cors_origin and len(settings.cors_origin) > 1:
+        raise SystemExit("--cors-origin '*' allows every origin: give it alone")
+    for origin in settings.cors_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+            raise SystemExit(
+                f"--cors-origin: {origin!r} is not an origin like https://app.example:8443"
+            )
+    if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", settings.token_cookie):
+        raise SystemExit(f"--token-cookie: {settings.token_cookie!r} is not a cookie name")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(settings: Settings) -> None:
+    """Anonymous mode is the loopback developer default; anywhere else it must be explicit."""
+    if settings.auth_enabled or settings.allow_anonymous or is_loopback_host(settings.host):
+        return
+    raise SystemExit(
+        f"refusing to serve {settings.host} without authentication: configure --jwt-secret, "
+        "--jwt-public-key or --jwks-url, or pass --allow-anonymous to let anyone read every topic"
+    )
 
 
 def parse(argv: Sequence[str] | None = None) -> Settings:

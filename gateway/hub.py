@@ -121,12 +121,17 @@ class Subscriber:
         self.pending_bytes = 0
         return chunk
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, farewell: bytes = b"") -> None:
+        """Stop taking frames. A shed client loses what is queued; any other client is sent
+        it (and ``farewell``) before its stream ends."""
         if self.closed:
             return
         self.closed = True
         self.reason = reason
-        self.chunks.clear()
+        if reason in SHED_REASONS:
+            self.chunks.clear()
+        elif farewell:
+            self.chunks.append(farewell)
         self.held = None
         self.wake.set()
         if reason in SHED_REASONS and self.writer is not None:

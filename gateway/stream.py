@@ -15,10 +15,20 @@ from urllib.parse import parse_qsl
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from gateway.auth import (
+    MAX_TOKEN_BYTES,
+    Authorizer,
+    Identity,
+    bearer_token,
+    cookie_token,
+    invalid_token,
+)
 from gateway.config import Settings
+from gateway.cors import CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import SHED_REASONS, Hub, Subscriber
+from gateway.limits import Admission
 from gateway.metrics import Metrics
 from publisher._frames import check_field, comment, event, retry
 from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
@@ -34,9 +44,11 @@ class StreamRequest:
     topics: tuple[str, ...]
     position: Position | None
     types: frozenset[bytes] | None
+    token: str | None = None
+    """The ``token`` query parameter, for EventSource, which cannot set headers."""
 
 
-def parse_stream_request(scope: Scope) -> StreamRequest:
+def parse_stream_request(scope: Scope, max_topics: int = 64) -> StreamRequest:
     try:
         fields = parse_qsl(
             scope["query_string"].decode("latin-1"),
@@ -54,6 +66,8 @@ def parse_stream_request(scope: Scope) -> StreamRequest:
     topics = tuple(dict.fromkeys(query.get("topic", [])))
     if not topics:
         raise bad_request("missing_topic", "give at least one ?topic=")
+    if len(topics) > max_topics:
+        raise bad_request("too_many_topics", f"at most {max_topics} topics per stream")
     for topic in topics:
         if not is_valid_topic(topic):
             raise bad_request(
@@ -91,7 +105,27 @@ def parse_stream_request(scope: Scope) -> StreamRequest:
             types = frozenset(check_field("type", t).encode() for t in names) or None
         except ValueError as exc:
             raise bad_request("invalid_types", str(exc)) from None
-    return StreamRequest(topics, position, types)
+    token = (query.get("token") or [""])[-1]
+    return StreamRequest(topics, position, types, token or None)
+
+
+def check_sizes(scope: Scope, settings: Settings) -> None:
+    """Refuse oversized requests before any parsing work is spent on them."""
+    size = 0
+    for name, value in scope["headers"]:
+        if name == b"authorization" and len(value) > MAX_TOKEN_BYTES + len(b"Bearer "):
+            raise invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
+        size += len(name) + len(value) + 4
+    if len(scope["query_string"]) > settings.max_query_bytes:
+        raise HTTPError(
+            414, "query_too_long",
+            f"the query string must be at most {settings.max_query_bytes} bytes",
+        )  # fmt: skip
+    if size > settings.max_header_bytes:
+        raise HTTPError(
+            431, "headers_too_large",
+            f"the headers must be at most {settings.max_header_bytes} bytes",
+        )  # fmt: skip
 
 
 STREAM_HEADERS = [
@@ -111,42 +145,85 @@ def reset_frame(replay: Replay) -> bytes:
 
 
 class EventStream:
-    def __init__(self, settings: Settings, engine: Engine, hub: Hub, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        hub: Hub,
+        metrics: Metrics,
+        authorizer: Authorizer,
+        cors: CorsPolicy,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.hub = hub
         self.metrics = metrics
+        self.authorizer = authorizer
+        self.cors = cors
+        self.admission = Admission(settings)
         self.preamble = retry(settings.retry_ms) + comment("ok")
         self.accepting = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cors_headers = self.cors.headers_for(scope)
         try:
             if scope["method"] not in ("GET", "HEAD"):
                 raise HTTPError(
                     405, "method_not_allowed", "use GET", headers={"allow": "GET, HEAD"}
                 )
-            request = parse_stream_request(scope)
             if not self.accepting:
                 raise HTTPError(
                     503, "draining", "this node is shutting down", headers={"retry-after": "1"}
                 )
+            self.admission.check_node()
+            client = scope.get("client")
+            self.admission.check_address(client[0] if client else None)
+            check_sizes(scope, self.settings)
+            request = parse_stream_request(scope, self.settings.max_topics)
+            identity = await self.authorizer.identify(self._token(scope, request))
+            self.authorizer.check_subscribe(identity, request.topics)
+            self.admission.check_subject(identity.subject)
         except HTTPError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
+            exc.headers.update((k.decode(), v.decode("latin-1")) for k, v in cors_headers)
             await exc(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 200, "headers": STREAM_HEADERS})
+        headers = STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
         if scope["method"] == "HEAD":
             await send({"type": "http.response.body", "body": b""})
             return
-        await self._serve(request, receive, send)
+        self.admission.opened(identity.subject)
+        try:
+            await self._serve(request, identity, receive, send)
+        finally:
+            self.admission.closed(identity.subject)
 
-    async def _serve(self, request: StreamRequest, receive: Receive, send: Send) -> None:
+    def _token(self, scope: Scope, request: StreamRequest) -> str | None:
+        if not self.authorizer.enabled:
+            return None
+        headers = scope["headers"]
+        return (
+            bearer_token(headers)
+            or request.token
+            or cookie_token(headers, self.settings.token_cookie)
+        )
+
+    async def _serve(
+        self, request: StreamRequest, identity: Identity, receive: Receive, send: Send
+    ) -> None:
         sub = Subscriber(request.topics, request.types, self.settings.max_pending_bytes)
         loop = asyncio.get_running_loop()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         watcher = asyncio.create_task(_wait_disconnect(receive))
         work: asyncio.Task[None] | None = None
+        expiry = None
+        seconds_left = self.authorizer.seconds_left(identity)
+        if seconds_left is not None and identity.grant is not None:
+            exp = identity.grant.expires
+            farewell = event(orjson.dumps({"exp": exp}).decode(), "token_expired")
+            expiry = loop.call_later(max(0.0, seconds_left), sub.close, "token_expired", farewell)
         try:
             await self._send(send, self.preamble)
             sub.last_write = loop.time()
@@ -157,6 +234,8 @@ class EventStream:
         except TimeoutError:
             sub.close("send_timeout")
         finally:
+            if expiry is not None:
+                expiry.cancel()
             for task in (watcher, work):
                 if task is not None and not task.done():
                     task.cancel()
@@ -228,6 +307,8 @@ class EventStream:
                 await self._send(send, chunk)
                 sub.last_write = loop.time()
         if sub.reason not in SHED_REASONS:
+            if chunk := sub.take():
+                await self._send(send, chunk)
             await self._finish(send)
 
     async def _send(self, send: Send, chunk: bytes) -> None:

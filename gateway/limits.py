@@ -1,0 +1,113 @@
+"""Admission limits: open streams per node and per subject, new streams per second."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from gateway.config import Settings
+from gateway.errors import HTTPError
+
+MAX_TRACKED_KEYS = 100_000
+
+
+class RateLimiter:
+    """Token buckets keyed by client address or subject; ``rate`` tokens per second.
+
+    Idle buckets are full buckets, so they are forgotten when the table grows: memory stays
+    bounded however many addresses an attacker uses."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def acquire(self, key: str, now: float | None = None) -> float:
+        """Take one token; return 0 if granted, else the seconds until one is available."""
+        now = time.monotonic() if now is None else now
+        tokens, stamp = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if len(self._buckets) >= MAX_TRACKED_KEYS and key not in self._buckets:
+            self._forget_full(now)
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
+
+    def _forget_full(self, now: float) -> None:
+        refill = self.burst / self.rate
+        for key, (_, stamp) in list(self._buckets.items()):
+            if now - stamp >= refill:
+                del self._buckets[key]
+        if len(self._buckets) >= MAX_TRACKED_KEYS:
+            self._buckets.clear()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"retry-after": str(max(1, math.ceil(seconds)))}
+
+
+def rate_limited(what: str, seconds: float) -> HTTPError:
+    return HTTPError(
+        429, "rate_limited", f"too many new streams from this {what}; retry later",
+        _retry_after(seconds),
+    )  # fmt: skip
+
+
+class Admission:
+    """Counts open streams and paces new ones; every refusal is an ``HTTPError``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.max_connections = settings.max_connections
+        self.max_per_subject = settings.max_connections_per_subject
+        self.open = 0
+        self.by_subject: dict[str, int] = {}
+        rate = settings.connect_rate
+        burst = max(1, math.ceil(2 * rate))
+        self.by_address = RateLimiter(rate, burst) if rate > 0 else None
+        self.by_subject_rate = RateLimiter(rate, burst) if rate > 0 else None
+
+    def check_node(self) -> None:
+        if self.max_connections and self.open >= self.max_connections:
+            raise HTTPError(
+                503, "too_many_connections", "this node is at its connection limit",
+                _retry_after(1 + self.open % 5),
+            )  # fmt: skip
+
+    def check_address(self, address: str | None) -> None:
+        if self.by_address is not None and address:
+            wait = self.by_address.acquire(address)
+            if wait:
+                raise rate_limited("address", wait)
+
+    def check_subject(self, subject: str | None) -> None:
+        if subject is None:
+            return
+        if self.max_per_subject and self.by_subject.get(subject, 0) >= self.max_per_subject:
+            raise HTTPError(
+                429, "too_many_subject_connections",
+                f"subject {subject[:100]!r} has {self.max_per_subject} open streams already",
+                _retry_after(5),
+            )  # fmt: skip
+        if self.by_subject_rate is not None:
+            wait = self.by_subject_rate.acquire(subject)
+            if wait:
+                raise rate_limited("subject", wait)
+
+    def opened(self, subject: str | None) -> None:
+        self.open += 1
+        if subject is not None:
+            self.by_subject[subject] = self.by_subject.get(subject, 0) + 1
+
+    def closed(self, subject: str | None) -> None:
+        self.open -= 1
+        if subject is not None:
+            left = self.by_subject[subject] - 1
+            if left:
+                self.by_subject[subject] = left
+            else:
+                del self.by_subject[subject]
