@@ -22,6 +22,7 @@ from gateway.cors import CorsMiddleware, CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub
+from gateway.limits import RequestSizeLimits
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.stream import EventStream
 from publisher import Message, Retention, make_message
@@ -232,7 +233,8 @@ class Gateway:
             exception_handlers={HTTPException: _http_exception},
         )
         app.state.gateway = self
-        return StreamRouter(self.stream, CorsMiddleware(app, self.cors), self.cors)
+        routes_app = CorsMiddleware(RequestSizeLimits(app, self.settings), self.cors)
+        return StreamRouter(self.stream, routes_app, self.cors)
 
 
 class StreamRouter:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import time
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.auth import MAX_TOKEN_BYTES, invalid_token
 from gateway.config import Settings
 from gateway.errors import HTTPError
 
@@ -111,3 +114,39 @@ class Admission:
                 self.by_subject[subject] = left
             else:
                 del self.by_subject[subject]
+
+
+def check_sizes(scope: Scope, settings: Settings) -> None:
+    """Refuse oversized requests before any parsing work is spent on them."""
+    size = 0
+    for name, value in scope["headers"]:
+        if name == b"authorization" and len(value) > MAX_TOKEN_BYTES + len(b"Bearer "):
+            raise invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
+        size += len(name) + len(value) + 4
+    if len(scope["query_string"]) > settings.max_query_bytes:
+        raise HTTPError(
+            414, "query_too_long",
+            f"the query string must be at most {settings.max_query_bytes} bytes",
+        )  # fmt: skip
+    if size > settings.max_header_bytes:
+        raise HTTPError(
+            431, "headers_too_large",
+            f"the headers must be at most {settings.max_header_bytes} bytes",
+        )  # fmt: skip
+
+
+class RequestSizeLimits:
+    """``check_sizes`` for the routes other than the stream (which checks in its own order)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                check_sizes(scope, self.settings)
+            except HTTPError as exc:
+                await exc(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -16,19 +16,17 @@ import orjson
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway.auth import (
-    MAX_TOKEN_BYTES,
     Authorizer,
     Identity,
     bearer_token,
     cookie_token,
-    invalid_token,
 )
 from gateway.config import Settings
 from gateway.cors import CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import SHED_REASONS, Hub, Subscriber
-from gateway.limits import Admission
+from gateway.limits import Admission, check_sizes
 from gateway.metrics import Metrics
 from publisher._frames import check_field, comment, event, retry
 from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
@@ -109,25 +107,6 @@ def parse_stream_request(scope: Scope, max_topics: int = 64) -> StreamRequest:
     return StreamRequest(topics, position, types, token or None)
 
 
-def check_sizes(scope: Scope, settings: Settings) -> None:
-    """Refuse oversized requests before any parsing work is spent on them."""
-    size = 0
-    for name, value in scope["headers"]:
-        if name == b"authorization" and len(value) > MAX_TOKEN_BYTES + len(b"Bearer "):
-            raise invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
-        size += len(name) + len(value) + 4
-    if len(scope["query_string"]) > settings.max_query_bytes:
-        raise HTTPError(
-            414, "query_too_long",
-            f"the query string must be at most {settings.max_query_bytes} bytes",
-        )  # fmt: skip
-    if size > settings.max_header_bytes:
-        raise HTTPError(
-            431, "headers_too_large",
-            f"the headers must be at most {settings.max_header_bytes} bytes",
-        )  # fmt: skip
-
-
 STREAM_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-store"),
@@ -183,18 +162,19 @@ class EventStream:
             identity = await self.authorizer.identify(self._token(scope, request))
             self.authorizer.check_subscribe(identity, request.topics)
             self.admission.check_subject(identity.subject)
+            self.admission.check_node()  # again: verifying may have waited for the JWKS
         except HTTPError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
             exc.headers.update((k.decode(), v.decode("latin-1")) for k, v in cors_headers)
             await exc(scope, receive, send)
             return
         headers = STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        if scope["method"] == "HEAD":
-            await send({"type": "http.response.body", "body": b""})
-            return
         self.admission.opened(identity.subject)
         try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
             await self._serve(request, identity, receive, send)
         finally:
             self.admission.closed(identity.subject)
