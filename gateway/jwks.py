@@ -63,7 +63,6 @@ class JwksCache:
         self._fetched_at = 0.0
         self._attempted_at = -MIN_REFETCH_INTERVAL
         self._fetch: asyncio.Task[None] | None = None
-        self._error = ""
 
     def prefetch(self) -> None:
         self._start_fetch()
@@ -83,7 +82,7 @@ class JwksCache:
         if may_fetch and (stale or not self._lookup(kid)):
             await self._refresh()
         if self._keys is None:
-            raise auth_unavailable(self._error or "the JWKS could not be read")
+            raise auth_unavailable("the JWKS could not be read")
         return self._lookup(kid)
 
     def _lookup(self, kid: str | None) -> list[Any]:
@@ -110,9 +109,7 @@ class JwksCache:
                 asyncio.to_thread(fetch_keys, self.url, self.timeout), self.timeout + 1
             )
         except Exception as exc:
-            self._error = f"{type(exc).__name__}: {exc}"[:200]
-            log.warning("JWKS fetch from %s failed: %s", self.url, self._error)
+            log.warning("JWKS fetch from %s failed: %s: %s", self.url, type(exc).__name__, exc)
             return
         self._keys = keys
         self._fetched_at = time.monotonic()
-        self._error = ""

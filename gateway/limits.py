@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway.auth import MAX_TOKEN_BYTES, invalid_token
+from gateway.auth import MAX_TOKEN_BYTES, cookie_token, invalid_token
 from gateway.config import Settings
 from gateway.errors import HTTPError
 
@@ -117,13 +118,24 @@ class Admission:
 
 
 def check_sizes(scope: Scope, settings: Settings) -> None:
-    """Refuse oversized requests before any parsing work is spent on them."""
+    """Refuse oversized requests before any parsing work is spent on them; an oversized token
+    is a 401 wherever it was sent, so a client learns that its token, not its URL, is wrong."""
     size = 0
     for name, value in scope["headers"]:
-        if name == b"authorization" and len(value) > MAX_TOKEN_BYTES + len(b"Bearer "):
-            raise invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
         size += len(name) + len(value) + 4
-    if len(scope["query_string"]) > settings.max_query_bytes:
+        if len(value) <= MAX_TOKEN_BYTES:
+            continue
+        if name == b"authorization":
+            raise token_too_large()
+        if name == b"cookie":
+            token = cookie_token([(name, value)], settings.token_cookie)
+            if token is not None and len(token) > MAX_TOKEN_BYTES:
+                raise token_too_large()
+    query = scope["query_string"]
+    if len(query) > settings.max_query_bytes:
+        for match in QUERY_TOKEN.finditer(query):
+            if len(match.group(1)) > MAX_TOKEN_BYTES:
+                raise token_too_large()
         raise HTTPError(
             414, "query_too_long",
             f"the query string must be at most {settings.max_query_bytes} bytes",
@@ -133,6 +145,13 @@ def check_sizes(scope: Scope, settings: Settings) -> None:
             431, "headers_too_large",
             f"the headers must be at most {settings.max_header_bytes} bytes",
         )  # fmt: skip
+
+
+QUERY_TOKEN = re.compile(rb"(?:^|&)token=([^&]*)")
+
+
+def token_too_large() -> HTTPError:
+    return invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
 
 
 class RequestSizeLimits:
