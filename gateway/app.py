@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,9 +30,12 @@ from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
 from gateway.stream import EventStream
 from publisher import Message, Retention, make_message
 from publisher._frames import check_field
+from publisher._message import check_idempotency_key
 from publisher._schema import check_topic
 
 log = logging.getLogger("gateway")
+
+DRAIN_TICK = 0.05
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -42,10 +48,12 @@ def make_engine(settings: Settings) -> Engine:
             prefix=settings.prefix,
             retention=retention,
             subscribe_timeout=settings.subscribe_timeout,
+            probe_interval=settings.probe_interval,
+            idempotency_ttl=settings.idempotency_ttl,
         )
     from gateway.engines.memory import MemoryEngine
 
-    return MemoryEngine(retention)
+    return MemoryEngine(retention, settings.idempotency_ttl)
 
 
 def describe_engine(settings: Settings) -> str:
@@ -76,7 +84,7 @@ def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
         raise bad_request("invalid_json", f"body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("invalid_body", "body must be a JSON object")
-    unknown = sorted(set(body) - {"topic", "topics", "event", "data"})
+    unknown = sorted(set(body) - {"topic", "topics", "event", "data", "idempotency_key"})
     if unknown:
         raise bad_request("unknown_field", f"unknown field {unknown[0]!r}", field=unknown[0])
     if ("topic" in body) == ("topics" in body):
@@ -100,8 +108,15 @@ def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
             check_field("event name", event)
         except ValueError as exc:
             raise bad_request("invalid_event", str(exc), field="event") from None
+    key = body.get("idempotency_key")
+    if key is not None:
+        try:
+            check_idempotency_key(key)
+        except ValueError as exc:
+            field = "idempotency_key"
+            raise bad_request("invalid_idempotency_key", str(exc), field=field) from None
     try:
-        return make_message(topics, body["data"], event)
+        return make_message(topics, body["data"], event, key)
     except ValueError as exc:
         raise bad_request("invalid_data", str(exc), field="data") from None
 
@@ -129,6 +144,27 @@ class Gateway:
     def begin_shutdown(self) -> None:
         """Refuse new streams and end the open ones (each browser reconnects elsewhere)."""
         self.stream.accepting = False
+        self.hub.close_all("shutdown")
+
+    async def drain(self, seconds: float) -> None:
+        """Refuse new streams at once (``/readyz`` turns 503), then end the open ones spread
+        over ``seconds``, each told a jittered ``retry:``, so their reconnects do not land on
+        the other nodes all at once."""
+        self.stream.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        subscribers = list(self.hub.subscribers)
+        random.shuffle(subscribers)
+        log.info("draining %d streams over %.1fs", len(subscribers), seconds)
+        ticks = max(1, int(seconds * 0.9 / DRAIN_TICK))
+        per_tick = math.ceil(len(subscribers) / ticks) if subscribers else 0
+        for start in range(0, len(subscribers), per_tick or 1):
+            for sub in subscribers[start : start + per_tick]:
+                sub.close("shutdown", self.stream.retry_hint())
+            await asyncio.sleep(DRAIN_TICK)
+        while self.stream.admission.open and loop.time() < deadline:
+            self.hub.close_all("shutdown")
+            await asyncio.sleep(DRAIN_TICK)
         self.hub.close_all("shutdown")
 
     @contextlib.asynccontextmanager

@@ -22,16 +22,20 @@ from gateway.logs import log_config
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 
 
+SHUTDOWN_MARGIN = 2
+
+
 class GatewayServer(uvicorn.Server):
     """uvicorn waits for open responses before it shuts down, and SSE responses never end by
-    themselves: end them first, so the process exits instead of waiting forever."""
+    themselves: drain them first (still listening, so new requests get a clear 503 rather than
+    a refused connection), then let uvicorn close the rest."""
 
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self.gateway = gateway
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.gateway.begin_shutdown()
+        await self.gateway.drain(self.gateway.settings.drain_seconds)
         await super().shutdown(sockets)
 
 
@@ -55,7 +59,7 @@ def serve(settings: Settings) -> int:
         log_config=log_config(settings.log_level),
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=SHUTDOWN_MARGIN,
         server_header=False,
     )
     GatewayServer(config, gateway).run()

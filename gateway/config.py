@@ -43,6 +43,19 @@ class Settings:
     max_events: int = _opt(2000, "history kept per topic by events published through this node")
     max_age: float = _opt(3600.0, "seconds of history kept per topic (0: no age limit)")
     max_publish_bytes: int = _opt(64 * 1024, "largest POST /publish body accepted")
+    idempotency_ttl: float = _opt(
+        300.0, "seconds a publish's idempotency key is remembered (a retry returns its first id)"
+    )
+    probe_interval: float = _opt(5.0, "seconds between self-probes of the pub/sub link (0: off)")
+    drain_seconds: float = _opt(
+        10.0, "on SIGTERM, seconds over which open streams are closed before the process exits"
+    )
+    max_lifetime: float = _opt(
+        0.0, "seconds after which a stream ends, less up to 10% jitter, to rebalance (0: never)"
+    )
+    tcp_keepalive: float = _opt(
+        30.0, "idle seconds before TCP keepalive probes a client, to drop vanished ones (0: off)"
+    )
     allow_remote_publish: bool = _opt(
         False, "accept POST /publish from non-loopback addresses without authentication"
     )
@@ -197,12 +210,13 @@ def _validate(settings: Settings) -> None:
             raise SystemExit(f"{_flag(f.name)} must be a finite number")
     positive: tuple[str, ...] = ("heartbeat", "max_pending_bytes", "send_timeout")
     positive += ("subscribe_timeout", "max_events", "jwks_timeout", "max_topics")
-    positive += ("max_query_bytes", "max_header_bytes")
+    positive += ("max_query_bytes", "max_header_bytes", "idempotency_ttl")
     for name in positive:
         if getattr(settings, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be greater than 0")
     at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway")
     at_least_zero += ("max_connections", "max_connections_per_subject", "connect_rate")
+    at_least_zero += ("probe_interval", "drain_seconds", "max_lifetime", "tcp_keepalive")
     for name in at_least_zero:
         if getattr(settings, name) < 0:
             raise SystemExit(f"{_flag(name)} must be 0 or more")

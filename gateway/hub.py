@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gateway.engines.base import Engine, Frame
 from gateway.metrics import Metrics
@@ -243,18 +243,12 @@ class Hub:
                 delivered += 1
         self.metrics.observe_dispatch(frame.key, delivered)
 
-    def _lost(self) -> None:
-        """The engine may have missed live frames: drop every stream; each browser reconnects
-        with its Last-Event-ID and replays from history, so nothing is lost."""
-        log.warning("live link lost: closing %d streams for replay", len(self.subscribers))
-        self.close_all("engine_lost")
-        for topic in self._topics.values():
-            if topic.linger is not None:
-                topic.linger.cancel()
-            if not topic.ready.done():
-                topic.ready.cancel()  # the link is gone, so no send is in progress
-        self._topics.clear()
-        self.metrics.hub_topics.set(0)
+    def _lost(self, topics: Sequence[str]) -> None:
+        """Frames of these topics are gone from live delivery and from history: end their
+        streams, so each browser reconnects with its Last-Event-ID and is told ``reset``."""
+        doomed = {sub for name in topics if (t := self._topics.get(name)) for sub in t.subscribers}
+        log.warning("history lost on %d topics: closing %d streams", len(topics), len(doomed))
+        self.close_all("history_lost", doomed)
 
     def close_all(self, reason: str, subscribers: Iterable[Subscriber] | None = None) -> None:
         for sub in list(self.subscribers if subscribers is None else subscribers):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -34,6 +36,7 @@ from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
 log = logging.getLogger("gateway.stream")
 
 MAX_QUERY_FIELDS = 256
+KEEPALIVE_PROBES = 3
 MAX_SINCE_MS = 1 << 53
 
 
@@ -198,12 +201,9 @@ class EventStream:
         self.metrics.connections_total.inc()
         watcher = asyncio.create_task(_wait_disconnect(receive))
         work: asyncio.Task[None] | None = None
-        expiry = None
-        seconds_left = self.authorizer.seconds_left(identity)
-        if seconds_left is not None and identity.grant is not None:
-            exp = identity.grant.expires
-            farewell = event(orjson.dumps({"exp": exp}).decode(), "token_expired")
-            expiry = loop.call_later(max(0.0, seconds_left), sub.close, "token_expired", farewell)
+        timers = self._timers(sub, identity)
+        if self.settings.tcp_keepalive:
+            enable_keepalive(send, self.settings.tcp_keepalive)
         try:
             await self._send(send, self.preamble)
             sub.last_write = loop.time()
@@ -214,8 +214,8 @@ class EventStream:
         except TimeoutError:
             sub.close("send_timeout")
         finally:
-            if expiry is not None:
-                expiry.cancel()
+            for timer in timers:
+                timer.cancel()
             for task in (watcher, work):
                 if task is not None and not task.done():
                     task.cancel()
@@ -227,6 +227,26 @@ class EventStream:
             self.metrics.disconnects.labels(sub.reason or "closed").inc()
         if sub.reason in SHED_REASONS:
             await _abort(send)
+
+    def _timers(self, sub: Subscriber, identity: Identity) -> list[asyncio.TimerHandle]:
+        """Token expiry and maximum lifetime: each ends the stream with a farewell."""
+        loop = asyncio.get_running_loop()
+        timers = []
+        seconds_left = self.authorizer.seconds_left(identity)
+        if seconds_left is not None and identity.grant is not None:
+            exp = identity.grant.expires
+            farewell = event(orjson.dumps({"exp": exp}).decode(), "token_expired")
+            timers.append(
+                loop.call_later(max(0.0, seconds_left), sub.close, "token_expired", farewell)
+            )
+        if lifetime := self.settings.max_lifetime:
+            lifetime *= 1 - 0.1 * random.random()
+            timers.append(loop.call_later(lifetime, sub.close, "lifetime", self.retry_hint()))
+        return timers
+
+    def retry_hint(self) -> bytes:
+        """A ``retry:`` line with jitter, so clients told to leave do not all return at once."""
+        return retry(max(100, int(self.settings.retry_ms * (0.5 + random.random()))))
 
     async def _run(self, sub: Subscriber, request: StreamRequest, send: Send) -> None:
         try:
@@ -308,6 +328,32 @@ async def _wait_disconnect(receive: Receive) -> None:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def enable_keepalive(send: Send, idle: float) -> None:
+    """Probe an idle client after ``idle`` seconds and drop it when it stays silent, so a
+    vanished peer (no FIN, no RST) frees its connection in bounded time."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    idle_s = max(1, int(idle))
+    interval = max(1, idle_s // 3)
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle_s),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
+        (
+            socket.IPPROTO_TCP,
+            getattr(socket, "TCP_USER_TIMEOUT", None),
+            (idle_s + interval * KEEPALIVE_PROBES) * 1000,
+        ),
+    ]
+    for level, name, value in options:
+        if name is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, name, value)
 
 
 async def _abort(send: Send) -> None:

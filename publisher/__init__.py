@@ -10,11 +10,16 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import redis
-import redis.asyncio
-
 from publisher._message import Message, PublishError, TopicArg, make_message
-from publisher._redis import AsyncRedisTransport, RedisTransport, Retention, redis_options
+from publisher._redis import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_RETRY_FOR,
+    AsyncRedisTransport,
+    RedisTransport,
+    Retention,
+    connect,
+    connect_async,
+)
 from publisher._schema import DEFAULT_PREFIX, Keys
 
 __all__ = [
@@ -61,17 +66,35 @@ class Publisher:
         prefix: str = DEFAULT_PREFIX,
         retention: Retention | None = None,
         token: str | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> Publisher:
-        """``redis://``/``rediss://``/``unix://`` publish directly; ``http(s)://`` via a gateway."""
+        """``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` publish directly;
+        ``http(s)://`` goes through a gateway. Transient errors are retried for ``retry_for``
+        seconds; a retried publish keeps its idempotency key, so it is never stored twice."""
         if _is_http(url):
             from publisher._http import HttpTransport
 
-            return cls(HttpTransport(url, token))
-        client = redis.Redis.from_url(url, **redis_options())
-        return cls(RedisTransport(client, Keys(prefix), retention or Retention()))
+            return cls(HttpTransport(url, token, retry_for=retry_for))
+        return cls(
+            RedisTransport(
+                connect(url), Keys(prefix), retention or Retention(),
+                retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+            )
+        )  # fmt: skip
 
-    def publish(self, topics: TopicArg, data: Any, event: str | None = None) -> str:
-        return self._transport.send([make_message(topics, data, event)])[0]
+    def publish(
+        self,
+        topics: TopicArg,
+        data: Any,
+        event: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Publish one event and return its id. Publishing again with the same
+        ``idempotency_key`` (within the idempotency TTL) returns the first id and stores
+        nothing."""
+        return self._transport.send([make_message(topics, data, event, idempotency_key)])[0]
 
     def publish_many(self, events: Iterable[EventArg]) -> list[str]:
         """Publish ``(topics, data[, event])`` tuples in one round trip; ids come back in order."""
@@ -107,16 +130,30 @@ class AsyncPublisher:
         prefix: str = DEFAULT_PREFIX,
         retention: Retention | None = None,
         token: str | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
     ) -> AsyncPublisher:
         if _is_http(url):
             from publisher._http import AsyncHttpTransport
 
-            return cls(AsyncHttpTransport(url, token))
-        client = redis.asyncio.Redis.from_url(url, **redis_options())
-        return cls(AsyncRedisTransport(client, Keys(prefix), retention or Retention()))
+            return cls(AsyncHttpTransport(url, token, retry_for=retry_for))
+        return cls(
+            AsyncRedisTransport(
+                connect_async(url), Keys(prefix), retention or Retention(),
+                retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+            )
+        )  # fmt: skip
 
-    async def publish(self, topics: TopicArg, data: Any, event: str | None = None) -> str:
-        return (await self._transport.send([make_message(topics, data, event)]))[0]
+    async def publish(
+        self,
+        topics: TopicArg,
+        data: Any,
+        event: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> str:
+        message = make_message(topics, data, event, idempotency_key)
+        return (await self._transport.send([message]))[0]
 
     async def publish_many(self, events: Iterable[EventArg]) -> list[str]:
         messages = _messages(events)

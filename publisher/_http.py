@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import time
 import urllib.parse
 from typing import Any
 
 import orjson
 
 from publisher._message import Message, PublishError
+from publisher._retry import Backoff
 
 
 class HttpTransport:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 10.0, retry_for: float = 10.0
+    ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -23,6 +27,7 @@ class HttpTransport:
         self.path = parsed.path.rstrip("/") + "/publish"
         self.token = token
         self.timeout = timeout
+        self.retry_for = retry_for
 
     def _connect(self) -> http.client.HTTPConnection:
         cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
@@ -30,7 +35,11 @@ class HttpTransport:
 
     def _post(self, conn: http.client.HTTPConnection, message: Message) -> str:
         # The text the Redis transport would store, so both transports deliver the same bytes.
-        payload: dict[str, Any] = {"topics": list(message.topics), "data": message.text}
+        payload: dict[str, Any] = {
+            "topics": list(message.topics),
+            "data": message.text,
+            "idempotency_key": message.idempotency_key,
+        }
         if message.event is not None:
             payload["event"] = message.event
         headers = {"content-type": "application/json"}
@@ -52,9 +61,26 @@ class HttpTransport:
         return str(reply["id"])
 
     def send(self, messages: list[Message]) -> list[str]:
+        """Each message is posted until the gateway answers; a connection error or a 503 is
+        retried (the idempotency key makes that safe) for ``retry_for`` seconds."""
+        ids: list[str] = []
         conn = self._connect()
         try:
-            return [self._post(conn, message) for message in messages]
+            for message in messages:
+                backoff = Backoff(self.retry_for)
+                while True:
+                    try:
+                        ids.append(self._post(conn, message))
+                        break
+                    except (OSError, http.client.HTTPException, PublishError) as exc:
+                        retryable = not isinstance(exc, PublishError) or exc.status == 503
+                        delay = backoff.next_delay() if retryable else None
+                        if delay is None:
+                            raise
+                        conn.close()
+                        time.sleep(delay)
+                        conn = self._connect()
+            return ids
         finally:
             conn.close()
 
@@ -65,8 +91,10 @@ class HttpTransport:
 class AsyncHttpTransport:
     """The blocking transport run in a worker thread: publishing over HTTP is not a hot path."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
-        self.sync = HttpTransport(url, token, timeout)
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 10.0, retry_for: float = 10.0
+    ) -> None:
+        self.sync = HttpTransport(url, token, timeout, retry_for)
 
     async def send(self, messages: list[Message]) -> list[str]:
         return await asyncio.to_thread(self.sync.send, messages)

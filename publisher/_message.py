@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +23,25 @@ class Message:
     """``data`` as the text its ``data:`` lines carry."""
     body: bytes
     """The frame body, serialized once here and never again."""
+    idempotency_key: str
+    """Names this publish, so that a retry of it is recognised and not stored twice."""
 
 
-def make_message(topics: TopicArg, data: Any, event: str | None = None) -> Message:
+_IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:/@+=-]{1,128}")
+
+
+def check_idempotency_key(key: object) -> str:
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ValueError(
+            f"invalid idempotency key {str(key)[:140]!r}: use 1-128 characters from "
+            "A-Z a-z 0-9 _ . : / @ + = -"
+        )
+    return key
+
+
+def make_message(
+    topics: TopicArg, data: Any, event: str | None = None, idempotency_key: str | None = None
+) -> Message:
     names = (topics,) if isinstance(topics, str) else tuple(topics)
     if not names:
         raise ValueError("publish needs at least one topic")
@@ -32,8 +50,9 @@ def make_message(topics: TopicArg, data: Any, event: str | None = None) -> Messa
     unique = tuple(dict.fromkeys(names))
     if event is not None:
         check_field("event name", event)
+    key = uuid.uuid4().hex if idempotency_key is None else check_idempotency_key(idempotency_key)
     text = serialize_data(data)
-    return Message(unique, data, event, text, encode_body(text, event))
+    return Message(unique, data, event, text, encode_body(text, event), key)
 
 
 class PublishError(Exception):

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
+import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis
 import redis.asyncio
-from redis.exceptions import NoScriptError
+import redis.asyncio.retry
+import redis.asyncio.sentinel
+import redis.retry
+import redis.sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError,
+    MasterDownError,
+    NoScriptError,
+    ReadOnlyError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from publisher._message import Message
+from publisher._retry import Backoff
 from publisher._schema import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys
 
 PUBLISH_SCRIPT = resources.files("publisher").joinpath("publish.lua").read_text("utf-8")
@@ -37,17 +55,105 @@ class Retention:
             raise ValueError("max_age must be a finite number >= 0")
 
 
+DEFAULT_RETRY_FOR = 10.0
+DEFAULT_IDEMPOTENCY_TTL = 300.0
+TRANSIENT_ERRORS = (
+    ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, TryAgainError, MasterDownError,
+    OSError,
+)  # fmt: skip
+"""Errors after which the same publish may be sent again: its idempotency key makes that safe."""
+
+
 def redis_options() -> dict[str, Any]:
-    """Connection settings chosen on purpose rather than inherited from redis-py defaults."""
+    """Connection settings chosen on purpose rather than inherited from redis-py defaults.
+
+    redis-py's own retries are off: a publish is retried by the transport, with its
+    idempotency key, and never blindly by the client."""
     return {"protocol": 2, "socket_timeout": 10.0, "socket_connect_timeout": 5.0}
 
 
-def script_call(keys: Keys, retention: Retention, message: Message) -> tuple[list[str], list[Any]]:
-    script_keys = [keys.clock, keys.origin, *(keys.stream(t) for t in message.topics)]
+@dataclass(frozen=True)
+class SentinelTarget:
+    """``redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db]``."""
+
+    sentinels: list[tuple[str, int]]
+    service: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def sentinel_target(url: str) -> SentinelTarget | None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis+sentinel", "sentinel"):
+        return None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.strip().rpartition(":")
+        if not name:
+            name, port = port, "26379"
+        sentinels.append((name.strip("[]"), int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path:
+        raise ValueError(
+            f"{url!r}: name the Sentinel service, e.g. redis+sentinel://h:26379/mymaster"
+        )
+    return SentinelTarget(
+        sentinels,
+        urllib.parse.unquote(path[0]),
+        int(path[1]) if len(path) > 1 else 0,
+        urllib.parse.unquote(username) or None,
+        urllib.parse.unquote(password) or None,
+    )
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for ``redis://``, ``rediss://``, ``unix://`` or ``redis+sentinel://``."""
+    options = {**redis_options(), "retry": redis.retry.Retry(NoBackoff(), 0)}
+    target = sentinel_target(url)
+    if target is None:
+        return redis.Redis.from_url(url, **options)
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service, db=target.db, username=target.username, password=target.password,
+        **options,
+    )  # fmt: skip
+    return client
+
+
+def connect_async(url: str) -> redis.asyncio.Redis:
+    options = {**redis_options(), "retry": redis.asyncio.retry.Retry(NoBackoff(), 0)}
+    target = sentinel_target(url)
+    if target is None:
+        return redis.asyncio.Redis.from_url(url, **options)
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0
+    )
+    client: redis.asyncio.Redis = sentinel.master_for(
+        target.service, db=target.db, username=target.username, password=target.password,
+        **options,
+    )  # fmt: skip
+    return client
+
+
+def script_call(
+    keys: Keys, retention: Retention, message: Message, idempotency_ttl: float
+) -> tuple[list[str], list[Any]]:
+    script_keys = [
+        keys.clock,
+        keys.origin,
+        keys.idempotency(message.idempotency_key),
+        *(keys.stream(t) for t in message.topics),
+    ]
     args: list[Any] = [
         message.body,
         retention.max_events,
         int(retention.max_age * 1000),
+        max(1, int(idempotency_ttl * 1000)),
         *(keys.channel(t) for t in message.topics),
     ]
     return script_keys, args
@@ -71,22 +177,48 @@ def _unloaded(results: list[Any]) -> list[int]:
 
 class RedisTransport:
     """EVALSHA in one pipeline: one round trip per batch (redis-py's ``Script`` in a pipeline
-    would first ask ``SCRIPT EXISTS``, a second round trip)."""
+    would first ask ``SCRIPT EXISTS``, a second round trip). Transient errors are retried for
+    ``retry_for`` seconds; each message's idempotency key makes a retry return its first id."""
 
-    def __init__(self, client: redis.Redis, keys: Keys, retention: Retention) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        retention: Retention,
+        *,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.retention = retention
+        self.retry_for = retry_for
+        self.idempotency_ttl = idempotency_ttl
+        self.sleep = sleep
         self.sha = SCRIPT_SHA
 
     def _run(self, messages: list[Message]) -> list[Any]:
         with self.client.pipeline(transaction=False) as pipe:
             for message in messages:
-                script_keys, args = script_call(self.keys, self.retention, message)
+                script_keys, args = script_call(
+                    self.keys, self.retention, message, self.idempotency_ttl
+                )
                 pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
             return pipe.execute(raise_on_error=False)
 
     def send(self, messages: list[Message]) -> list[str]:
+        backoff = Backoff(self.retry_for)
+        while True:
+            try:
+                return self._send_once(messages)
+            except TRANSIENT_ERRORS:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise
+                self.sleep(delay)
+
+    def _send_once(self, messages: list[Message]) -> list[str]:
         results = self._run(messages)
         if failed := _unloaded(results):
             self.client.script_load(PUBLISH_SCRIPT)
@@ -101,20 +233,43 @@ class RedisTransport:
 
 
 class AsyncRedisTransport:
-    def __init__(self, client: redis.asyncio.Redis, keys: Keys, retention: Retention) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        keys: Keys,
+        retention: Retention,
+        *,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.retention = retention
+        self.retry_for = retry_for
+        self.idempotency_ttl = idempotency_ttl
         self.sha = SCRIPT_SHA
 
     async def _run(self, messages: list[Message]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for message in messages:
-                script_keys, args = script_call(self.keys, self.retention, message)
+                script_keys, args = script_call(
+                    self.keys, self.retention, message, self.idempotency_ttl
+                )
                 pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
             return await pipe.execute(raise_on_error=False)
 
     async def send(self, messages: list[Message]) -> list[str]:
+        backoff = Backoff(self.retry_for)
+        while True:
+            try:
+                return await self._send_once(messages)
+            except TRANSIENT_ERRORS:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _send_once(self, messages: list[Message]) -> list[str]:
         results = await self._run(messages)
         if failed := _unloaded(results):
             await self.client.script_load(PUBLISH_SCRIPT)

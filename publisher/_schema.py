@@ -92,6 +92,13 @@ class Keys:
     def channel_prefix(self) -> str:
         return f"{self.prefix}:c:"
 
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def probe(self, node: str) -> str:
+        """A channel only one gateway node listens on, to test its own pub/sub link."""
+        return f"{self.prefix}:probe:{node}"
+
 
 STREAM_FIELD = "f"
 """The frame body of a stream entry, without its ``id:`` line."""

@@ -7,10 +7,19 @@
 -- trimmed or deleted entry breaks that chain. (Redis 7.0 does not move max-deleted-entry-id
 -- when it trims, so that field cannot tell.)
 --
--- KEYS[1] clock, KEYS[2] origin, KEYS[3..] one stream per topic
+-- A publish carries an idempotency key: the id it was given is remembered under that key for a
+-- while, so a retry (after a lost reply) returns the original id and stores nothing twice.
+--
+-- KEYS[1] clock, KEYS[2] origin, KEYS[3] idempotency key, KEYS[4..] one stream per topic
 -- ARGV[1] frame body (no id line), ARGV[2] max events per topic, ARGV[3] max age in ms (0: none),
--- ARGV[4..] one channel per topic, in the same order as the streams
+-- ARGV[4] how long the idempotency key is remembered (ms), ARGV[5..] one channel per topic, in
+-- the same order as the streams
 -- Returns the id.
+
+local seen = redis.call('GET', KEYS[3])
+if seen then
+  return seen
+end
 
 local function split(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -35,7 +44,7 @@ if last then
 else
   -- The clock is new (first publish, or it was deleted): never issue an id below what a
   -- surviving stream already holds.
-  for i = 3, #KEYS do
+  for i = 4, #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 1 then
       local info = redis.call('XINFO', 'STREAM', KEYS[i])
       for j = 1, #info, 2 do
@@ -50,13 +59,14 @@ end
 local id = string.format('%d-%d', ms, seq)
 redis.call('SET', KEYS[1], id)
 redis.call('SET', KEYS[2], id, 'NX')
+redis.call('SET', KEYS[3], id, 'PX', tonumber(ARGV[4]))
 
 local body = ARGV[1]
 local max_events = tonumber(ARGV[2])
 local max_age = tonumber(ARGV[3])
 local frame = 'id: ' .. id .. '\n' .. body
 
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local newest = redis.call('XREVRANGE', KEYS[i], '+', '-', 'COUNT', 1)
   local prev = newest[1] and newest[1][1] or '0-0'
   redis.call('XADD', KEYS[i], 'MAXLEN', '~', max_events, id, 'f', body, 'p', prev)
@@ -65,7 +75,7 @@ for i = 3, #KEYS do
     redis.call('XTRIM', KEYS[i], 'MINID', string.format('%d-0', ms - max_age))
   end
 end
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   redis.call('PUBLISH', ARGV[i], frame)
 end
 return id

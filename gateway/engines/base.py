@@ -119,7 +119,7 @@ def check_history(
 
 
 FrameListener = Callable[[str, Frame], None]
-LostListener = Callable[[], None]
+LostListener = Callable[[Sequence[str]], None]
 
 
 class EngineUnavailable(Exception):
@@ -133,11 +133,12 @@ class Engine(abc.ABC):
 
     def __init__(self) -> None:
         self.on_frame: FrameListener = lambda topic, frame: None
-        self.on_lost: LostListener = lambda: None
+        self.on_lost: LostListener = lambda topics: None
 
     def set_listeners(self, on_frame: FrameListener, on_lost: LostListener) -> None:
         """``on_frame`` gets every live frame of a subscribed topic, in id order;
-        ``on_lost`` is called when live delivery may have missed frames."""
+        ``on_lost(topics)`` is called when frames of these topics were missed and cannot be
+        recovered from history (their clients must reconnect to be told ``reset``)."""
         self.on_frame = on_frame
         self.on_lost = on_lost
 

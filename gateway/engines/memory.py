@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from gateway.engines.base import Engine, Frame, Position, Replay, check_history, merge_unique
@@ -22,9 +22,12 @@ class _History:
 class MemoryEngine(Engine):
     name = "memory"
 
-    def __init__(self, retention: Retention | None = None) -> None:
+    def __init__(self, retention: Retention | None = None, idempotency_ttl: float = 300.0) -> None:
         super().__init__()
         self.retention = retention or Retention()
+        self.idempotency_ttl = idempotency_ttl
+        self._published: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        """Idempotency key -> (id, expiry), oldest first."""
         self._clock: int | None = None
         self._origin: int | None = None
         self._histories: dict[str, _History] = {}
@@ -63,7 +66,13 @@ class MemoryEngine(Engine):
             history.max_deleted = history.entries.popleft().key
 
     async def publish(self, message: Message) -> str:
+        now = time.monotonic()
+        while self._published and next(iter(self._published.values()))[1] <= now:
+            self._published.popitem(last=False)
+        if seen := self._published.get(message.idempotency_key):
+            return seen[0]
         event_id = self._next_id()
+        self._published[message.idempotency_key] = (event_id, now + self.idempotency_ttl)
         frame = Frame.from_body(event_id, message.body)
         for topic in message.topics:
             history = self._histories.get(topic)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import uuid
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -26,16 +27,19 @@ from gateway.engines.base import (
     Frame,
     Position,
     Replay,
+    Reset,
     check_history,
     merge_unique,
 )
 from publisher import Message, Retention
-from publisher._redis import AsyncRedisTransport, redis_options
+from publisher._redis import AsyncRedisTransport, connect_async, sentinel_target
 from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 
 log = logging.getLogger("gateway.engine")
 
 REPLAY_PAGE = 1000
+PUBLISH_RETRY_FOR = 2.0
+MAX_RECONNECT_DELAY = 2.0
 MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
 _PREV = PREV_FIELD.encode()
@@ -43,6 +47,25 @@ _PREV = PREV_FIELD.encode()
 
 def _key_or_none(value: Any) -> int | None:
     return None if value is None else id_key(value)
+
+
+def _pubsub_pool(url: str) -> ConnectionPool:
+    """Connections for the pub/sub link: no read timeout (it idles), no silent retries."""
+    options: dict[str, Any] = {
+        "protocol": 2,
+        "socket_timeout": None,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    target = sentinel_target(url)
+    if target is None:
+        return ConnectionPool.from_url(url, **options)
+    sentinel = Sentinel(target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call]
+    return SentinelConnectionPool(  # type: ignore[no-untyped-call]
+        target.service, sentinel, db=target.db, username=target.username,
+        password=target.password, **options,
+    )  # fmt: skip
 
 
 def _after(key: int) -> str:
@@ -60,41 +83,52 @@ class RedisEngine(Engine):
         prefix: str = "sse",
         retention: Retention | None = None,
         subscribe_timeout: float = 5.0,
+        probe_interval: float = 5.0,
+        idempotency_ttl: float = 300.0,
     ) -> None:
         super().__init__()
         self.keys = Keys(prefix)
-        self.client = redis.asyncio.Redis.from_url(url, **redis_options())
-        self.transport = AsyncRedisTransport(self.client, self.keys, retention or Retention())
+        self.client = connect_async(url)
+        self.transport = AsyncRedisTransport(
+            self.client, self.keys, retention or Retention(),
+            retry_for=PUBLISH_RETRY_FOR, idempotency_ttl=idempotency_ttl,
+        )  # fmt: skip
         self.subscribe_timeout = subscribe_timeout
-        self._pubsub_pool = ConnectionPool.from_url(
-            url,
-            protocol=2,
-            socket_timeout=None,
-            socket_connect_timeout=5.0,
-            socket_keepalive=True,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.probe_interval = probe_interval
+        self._pubsub_pool = _pubsub_pool(url)
         self._channel_prefix = self.keys.channel_prefix.encode()
+        self._probe_channel = self.keys.probe(uuid.uuid4().hex).encode()
+        self._probe_seen = asyncio.Event()
         self._conn: AbstractConnection | None = None
         self._connected = asyncio.Event()
         self._confirmations: dict[bytes, deque[asyncio.Future[None] | None]] = {}
         self._send_lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        self._topics: set[str] = set()
+        """Topics to keep subscribed across reconnects."""
+        self._seen: int | None = None
+        """Every frame up to this id was delivered live or predates the subscriptions
+        (None until the first link is up)."""
+        self._held: list[tuple[str, Frame]] | None = None
+        """Live frames that arrive while a reconnected link backfills (None when live)."""
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_forever(), name="sse-gateway pubsub reader")
+        self._tasks = [
+            asyncio.create_task(self._read_forever(), name="sse-gateway pubsub reader"),
+            asyncio.create_task(self._probe_forever(), name="sse-gateway pubsub probe"),
+        ]
 
     async def close(self) -> None:
         self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.client.aclose()
         await self._pubsub_pool.disconnect()
 
     async def ready(self) -> bool:
-        if self._conn is None:
+        if self._conn is None or self._held is not None:
             return False
         try:
             return bool(await asyncio.wait_for(self.client.ping(), 2.0))
@@ -104,33 +138,120 @@ class RedisEngine(Engine):
     # -- live ---------------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
+        """Keep one pub/sub link; after each (re)connect, re-subscribe and backfill from the
+        streams whatever was published while the link was down, before any newer frame."""
         backoff = 0.05
         while not self._closing:
             conn = self._pubsub_pool.make_connection()  # type: ignore[no-untyped-call]
+            recovery: asyncio.Task[None] | None = None
             try:
                 await conn.connect()
+                self._held = []
                 self._conn = conn
                 self._connected.set()
-                backoff = 0.05
-                log.info("pub/sub link connected")
+                recovery = asyncio.create_task(self._recover(conn), name="sse-gateway backfill")
+                recovery.add_done_callback(self._recovered)
                 while True:
                     self._handle(await conn.read_response(timeout=None))
+                    if recovery is not None and recovery.done():
+                        recovery.result()
+                        recovery = None
+                        backoff = 0.05
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError, EngineUnavailable) as exc:
                 if not self._closing:
                     log.warning("pub/sub link lost: %s", exc)
             except Exception:
                 log.exception("pub/sub reader failed; reconnecting")
             finally:
-                was_connected = self._conn is conn
                 self._drop_link()
-                # Before any await: nothing may attach to the old link once it is gone.
-                if was_connected and not self._closing:
-                    self.on_lost()
+                if recovery is not None:
+                    recovery.cancel()
+                    await asyncio.gather(recovery, return_exceptions=True)
                 await conn.disconnect()
             await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, 5.0)
+            backoff = min(backoff * 2, MAX_RECONNECT_DELAY)
+
+    async def _recover(self, conn: AbstractConnection) -> None:
+        """Subscribe the probe channel and every active topic, then read what was missed."""
+        try:
+            topics = sorted(self._topics)
+            async with self._send_lock:
+                await conn.send_command("SUBSCRIBE", self._probe_channel)
+                waiters = [self._queue_confirmation(topic) for topic in topics]
+                if topics:
+                    channels = [self.keys.channel(t).encode() for t in topics]
+                    await conn.send_command("SUBSCRIBE", *channels)
+            if waiters:
+                await asyncio.wait_for(asyncio.gather(*waiters), self.subscribe_timeout)
+            if self._seen is not None and topics:
+                since = Position.after(key_to_id(self._seen))
+                runs, reset, clock = await self._read_runs(topics, since)
+            else:
+                runs, reset = {}, None
+                clock = _key_or_none(await self.client.get(self.keys.clock)) or 0
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise EngineUnavailable(f"backfill failed: {exc}") from None
+        self._release(runs, reset, clock)
+
+    def _recovered(self, task: asyncio.Task[None]) -> None:
+        """A failed backfill drops the link (waking the reader), so it is tried again."""
+        if task.cancelled() or task.exception() is None:
+            return
+        conn = self._conn
+        if conn is not None:
+            log.warning("backfill failed: %s", task.exception())
+            self._tasks.append(asyncio.create_task(conn.disconnect()))
+
+    def _release(self, runs: dict[str, list[Frame]], reset: Reset | None, clock: int) -> None:
+        lost = set(reset.topics) if reset is not None else set()
+        if lost:
+            self.on_lost(sorted(lost))
+        backfill = sorted(
+            ((frame.key, topic, frame) for topic, run in runs.items() if topic not in lost
+             for frame in run),
+            key=lambda item: item[0],
+        )  # fmt: skip
+        for _, topic, frame in backfill:
+            self.on_frame(topic, frame)
+        held, self._held = self._held or [], None
+        self._seen = max(self._seen or 0, clock)
+        for topic, frame in held:
+            if frame.key > clock or topic not in runs:
+                self._deliver(topic, frame)
+        if backfill or lost:
+            log.info(
+                "pub/sub link restored: %d events backfilled, %d topics lost history",
+                len(backfill), len(lost),
+            )  # fmt: skip
+
+    def _deliver(self, topic: str, frame: Frame) -> None:
+        if self._seen is None or frame.key > self._seen:
+            self._seen = frame.key
+        self.on_frame(topic, frame)
+
+    async def _probe_forever(self) -> None:
+        """Publish to this node's own channel through the command connection and expect it
+        back on the pub/sub link: a link left on a demoted server hears nothing."""
+        if self.probe_interval <= 0:
+            return
+        timeout = max(1.0, min(3.0, self.probe_interval))
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            conn = self._conn
+            if conn is None or self._held is not None:
+                continue
+            self._probe_seen.clear()
+            try:
+                await asyncio.wait_for(self.client.publish(self._probe_channel, b"probe"), timeout)
+                await asyncio.wait_for(self._probe_seen.wait(), timeout)
+            except (RedisError, OSError):
+                continue  # Redis itself is unreachable; the reader notices on its own
+            except TimeoutError:
+                if conn is self._conn:
+                    log.warning("pub/sub link is silent: reconnecting")
+                    await conn.disconnect()
 
     def _drop_link(self) -> None:
         self._conn = None
@@ -144,13 +265,20 @@ class RedisEngine(Engine):
     def _handle(self, message: list[Any]) -> None:
         kind = message[0]
         if kind == b"message":
+            channel = message[1]
+            if channel == self._probe_channel:
+                self._probe_seen.set()
+                return
             try:
-                topic = message[1][len(self._channel_prefix) :].decode()
+                topic = channel[len(self._channel_prefix) :].decode()
                 frame = Frame.from_live(message[2])
             except (ValueError, UnicodeDecodeError):
-                log.warning("ignored a message that is not a frame on %r", message[1][:200])
+                log.warning("ignored a message that is not a frame on %r", channel[:200])
                 return
-            self.on_frame(topic, frame)
+            if self._held is not None:
+                self._held.append((topic, frame))
+            else:
+                self._deliver(topic, frame)
         elif kind in (b"subscribe", b"unsubscribe"):
             waiters = self._confirmations.get(message[1])
             if not waiters:
@@ -160,6 +288,12 @@ class RedisEngine(Engine):
                 del self._confirmations[message[1]]
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
+
+    def _queue_confirmation(self, topic: str) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        channel = self.keys.channel(topic).encode()
+        self._confirmations.setdefault(channel, deque()).append(waiter)
+        return waiter
 
     async def _send(self, verb: str, topic: str, waiter: asyncio.Future[None] | None) -> None:
         """Record the expected confirmation and write the command under one FIFO lock, so the
@@ -174,6 +308,7 @@ class RedisEngine(Engine):
             await conn.send_command(verb, channel)
 
     async def subscribe(self, topic: str) -> None:
+        self._topics.add(topic)
         try:
             await asyncio.wait_for(self._connected.wait(), self.subscribe_timeout)
             waiter = asyncio.get_running_loop().create_future()
@@ -183,6 +318,7 @@ class RedisEngine(Engine):
             raise EngineUnavailable(f"could not subscribe to {topic!r}: {exc}") from None
 
     async def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
         try:
             await self._send("UNSUBSCRIBE", topic, None)
         except (RedisError, OSError, EngineUnavailable) as exc:
@@ -198,8 +334,14 @@ class RedisEngine(Engine):
 
     async def _replay(self, topics: Sequence[str], position: Position | None) -> Replay:
         if position is None:
-            clock = await self.client.get(self.keys.clock)
-            return Replay([], None, _key_or_none(clock) or 0)
+            return Replay([], None, _key_or_none(await self.client.get(self.keys.clock)) or 0)
+        runs, reset, clock = await self._read_runs(topics, position)
+        return Replay(merge_unique(list(runs.values())), reset, clock)
+
+    async def _read_runs(
+        self, topics: Sequence[str], position: Position
+    ) -> tuple[dict[str, list[Frame]], Reset | None, int]:
+        """Each topic's entries after ``position`` up to the clock, and what history lacks."""
         after = position.after_key
         runs: dict[str, list[Frame]] = {t: [] for t in topics}
         missing = dict.fromkeys(topics, 0)
@@ -242,7 +384,7 @@ class RedisEngine(Engine):
                     still.append(topic)
             pending = still
         reset = check_history(position, topics, clock_key, origin_key, missing.items())
-        return Replay(merge_unique(list(runs.values())), reset, clock_key or 0)
+        return runs, reset, clock_key or 0
 
     async def publish(self, message: Message) -> str:
         try:

@@ -125,7 +125,7 @@ def test_a_bad_request_from_the_gateway_is_a_publish_error_naming_the_problem(
     assert raw.status_code == 400
     assert "no spaces" in raw.json()["message"]
     # A transport handed such a message (e.g. from an older client) reports the 400.
-    message = Message(("no spaces",), 1, None, "1", b"data: 1\n\n")
+    message = Message(("no spaces",), 1, None, "1", b"data: 1\n\n", "k1")
     with pytest.raises(PublishError) as info:
         HttpTransport(gateway.url).send([message])
     assert info.value.status == 400
