@@ -156,12 +156,14 @@ class Gateway:
         subscribers = list(self.hub.subscribers)
         random.shuffle(subscribers)
         log.info("draining %d streams over %.1fs", len(subscribers), seconds)
-        ticks = max(1, int(seconds * 0.9 / DRAIN_TICK))
-        per_tick = math.ceil(len(subscribers) / ticks) if subscribers else 0
-        for start in range(0, len(subscribers), per_tick or 1):
-            for sub in subscribers[start : start + per_tick]:
+        window = seconds * 0.9
+        per_batch = max(1, math.ceil(len(subscribers) * DRAIN_TICK / window)) if window else 0
+        batches = math.ceil(len(subscribers) / per_batch) if per_batch else 0
+        pause = window / batches if batches else 0.0
+        for start in range(0, len(subscribers) if per_batch else 0, per_batch or 1):
+            for sub in subscribers[start : start + per_batch]:
                 sub.close("shutdown", self.stream.retry_hint())
-            await asyncio.sleep(DRAIN_TICK)
+            await asyncio.sleep(pause)
         while self.stream.admission.open and loop.time() < deadline:
             self.hub.close_all("shutdown")
             await asyncio.sleep(DRAIN_TICK)

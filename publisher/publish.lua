@@ -20,6 +20,13 @@ local seen = redis.call('GET', KEYS[3])
 if seen then
   return seen
 end
+-- Redis does not roll a script back: refuse before writing anything if a key is not a stream.
+for i = 4, #KEYS do
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. kind .. ', not a stream')
+  end
+end
 
 local function split(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -59,7 +66,6 @@ end
 local id = string.format('%d-%d', ms, seq)
 redis.call('SET', KEYS[1], id)
 redis.call('SET', KEYS[2], id, 'NX')
-redis.call('SET', KEYS[3], id, 'PX', tonumber(ARGV[4]))
 
 local body = ARGV[1]
 local max_events = tonumber(ARGV[2])
@@ -78,4 +84,5 @@ end
 for i = 5, #ARGV do
   redis.call('PUBLISH', ARGV[i], frame)
 end
+redis.call('SET', KEYS[3], id, 'PX', tonumber(ARGV[4]))
 return id

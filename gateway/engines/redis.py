@@ -246,12 +246,12 @@ class RedisEngine(Engine):
             try:
                 await asyncio.wait_for(self.client.publish(self._probe_channel, b"probe"), timeout)
                 await asyncio.wait_for(self._probe_seen.wait(), timeout)
-            except (RedisError, OSError):
-                continue  # Redis itself is unreachable; the reader notices on its own
-            except TimeoutError:
+            except TimeoutError:  # before OSError, of which it is a subclass
                 if conn is self._conn:
                     log.warning("pub/sub link is silent: reconnecting")
                     await conn.disconnect()
+            except (RedisError, OSError):
+                continue  # Redis itself is unreachable; the reader notices on its own
 
     def _drop_link(self) -> None:
         self._conn = None
