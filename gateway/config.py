@@ -51,7 +51,7 @@ class Settings:
         10.0, "on SIGTERM, seconds over which open streams are closed before the process exits"
     )
     max_lifetime: float = _opt(
-        0.0, "seconds after which a stream ends, less up to 10% jitter, to rebalance (0: never)"
+        0.0, "seconds after which a stream ends, less up to 10%% jitter, to rebalance (0: never)"
     )
     tcp_keepalive: float = _opt(
         30.0, "idle seconds before TCP keepalive probes a client, to drop vanished ones (0: off)"
