@@ -50,6 +50,7 @@ def make_engine(settings: Settings) -> Engine:
             subscribe_timeout=settings.subscribe_timeout,
             probe_interval=settings.probe_interval,
             idempotency_ttl=settings.idempotency_ttl,
+            publish_replicas=settings.publish_replicas,
         )
     from gateway.engines.memory import MemoryEngine
 

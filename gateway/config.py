@@ -46,6 +46,9 @@ class Settings:
     idempotency_ttl: float = _opt(
         300.0, "seconds a publish's idempotency key is remembered (a retry returns its first id)"
     )
+    publish_replicas: int = _opt(
+        0, "replicas that must hold a publish before POST /publish answers (Redis WAIT)"
+    )
     probe_interval: float = _opt(5.0, "seconds between self-probes of the pub/sub link (0: off)")
     drain_seconds: float = _opt(
         10.0, "on SIGTERM, seconds over which open streams are closed before the process exits"
@@ -216,7 +219,13 @@ def _validate(settings: Settings) -> None:
             raise SystemExit(f"{_flag(name)} must be greater than 0")
     at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway")
     at_least_zero += ("max_connections", "max_connections_per_subject", "connect_rate")
-    at_least_zero += ("probe_interval", "drain_seconds", "max_lifetime", "tcp_keepalive")
+    at_least_zero += (
+        "publish_replicas",
+        "probe_interval",
+        "drain_seconds",
+        "max_lifetime",
+        "tcp_keepalive",
+    )
     for name in at_least_zero:
         if getattr(settings, name) < 0:
             raise SystemExit(f"{_flag(name)} must be 0 or more")

@@ -14,7 +14,9 @@ from publisher._message import Message, PublishError, TopicArg, make_message
 from publisher._redis import (
     DEFAULT_IDEMPOTENCY_TTL,
     DEFAULT_RETRY_FOR,
+    DEFAULT_WAIT_TIMEOUT,
     AsyncRedisTransport,
+    NotReplicated,
     RedisTransport,
     Retention,
     connect,
@@ -25,6 +27,7 @@ from publisher._schema import DEFAULT_PREFIX, Keys
 __all__ = [
     "AsyncPublisher",
     "Message",
+    "NotReplicated",
     "PublishError",
     "Publisher",
     "Retention",
@@ -68,10 +71,15 @@ class Publisher:
         token: str | None = None,
         retry_for: float = DEFAULT_RETRY_FOR,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        wait_replicas: int = 0,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> Publisher:
         """``redis://``, ``rediss://``, ``unix://`` and ``redis+sentinel://`` publish directly;
         ``http(s)://`` goes through a gateway. Transient errors are retried for ``retry_for``
-        seconds; a retried publish keeps its idempotency key, so it is never stored twice."""
+        seconds; a retried publish keeps its idempotency key, so it is never stored twice.
+
+        With ``wait_replicas=N`` a publish is acknowledged only once N replicas hold it
+        (``WAIT``, in the same round trip), so no failover loses an acknowledged publish."""
         if _is_http(url):
             from publisher._http import HttpTransport
 
@@ -80,6 +88,7 @@ class Publisher:
             RedisTransport(
                 connect(url), Keys(prefix), retention or Retention(),
                 retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+                wait_replicas=wait_replicas, wait_timeout=wait_timeout,
             )
         )  # fmt: skip
 
@@ -132,6 +141,8 @@ class AsyncPublisher:
         token: str | None = None,
         retry_for: float = DEFAULT_RETRY_FOR,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        wait_replicas: int = 0,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> AsyncPublisher:
         if _is_http(url):
             from publisher._http import AsyncHttpTransport
@@ -141,6 +152,7 @@ class AsyncPublisher:
             AsyncRedisTransport(
                 connect_async(url), Keys(prefix), retention or Retention(),
                 retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+                wait_replicas=wait_replicas, wait_timeout=wait_timeout,
             )
         )  # fmt: skip
 

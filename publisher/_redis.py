@@ -25,6 +25,7 @@ from redis.exceptions import (
     MasterDownError,
     NoScriptError,
     ReadOnlyError,
+    ResponseError,
     TimeoutError,
     TryAgainError,
 )
@@ -57,11 +58,22 @@ class Retention:
 
 DEFAULT_RETRY_FOR = 10.0
 DEFAULT_IDEMPOTENCY_TTL = 300.0
+DEFAULT_WAIT_TIMEOUT = 1.0
 TRANSIENT_ERRORS = (
     ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, TryAgainError, MasterDownError,
     OSError,
 )  # fmt: skip
 """Errors after which the same publish may be sent again: its idempotency key makes that safe."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a publish that failed with ``exc`` may be sent again.
+
+    ``NOREPLICAS`` (``min-replicas-to-write``) is a plain ``ResponseError`` in redis-py: the
+    primary has lost its replicas, typically because one of them was just promoted."""
+    if isinstance(exc, TRANSIENT_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS")
 
 
 def redis_options() -> dict[str, Any]:
@@ -140,8 +152,21 @@ def connect_async(url: str) -> redis.asyncio.Redis:
     return client
 
 
+class NotReplicated(ConnectionError):
+    """``WAIT`` timed out: the publishes ran, but fewer replicas than asked confirmed them, so
+    they may not survive a failover. Sent again with their idempotency keys and these ids."""
+
+    def __init__(self, ids: list[str], replicas: int, wanted: int) -> None:
+        super().__init__(f"{replicas} of {wanted} replicas confirmed the publish in time")
+        self.ids = ids
+
+
 def script_call(
-    keys: Keys, retention: Retention, message: Message, idempotency_ttl: float
+    keys: Keys,
+    retention: Retention,
+    message: Message,
+    idempotency_ttl: float,
+    prior: str = "",
 ) -> tuple[list[str], list[Any]]:
     script_keys = [
         keys.clock,
@@ -154,6 +179,7 @@ def script_call(
         retention.max_events,
         int(retention.max_age * 1000),
         max(1, int(idempotency_ttl * 1000)),
+        prior,
         *(keys.channel(t) for t in message.topics),
     ]
     return script_keys, args
@@ -175,6 +201,37 @@ def _unloaded(results: list[Any]) -> list[int]:
     return failed
 
 
+class Replication:
+    """``WAIT numreplicas timeout`` at the end of each publish pipeline (same round trip), so
+    a publish is acknowledged only once ``replicas`` replicas hold it."""
+
+    def __init__(self, replicas: int, timeout: float) -> None:
+        if replicas < 0:
+            raise ValueError("wait_replicas must be >= 0")
+        if not math.isfinite(timeout) or timeout <= 0:
+            raise ValueError("wait_timeout must be a number of seconds > 0")
+        self.replicas = replicas
+        self.timeout_ms = max(1, int(timeout * 1000))
+
+    def queue(self, pipe: Any) -> None:
+        if self.replicas:
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
+
+    def split(self, results: list[Any]) -> tuple[list[Any], int]:
+        """The scripts' results, and how many replicas confirmed them."""
+        if not self.replicas:
+            return results, 0
+        confirmed = results.pop()
+        if isinstance(confirmed, Exception):
+            raise confirmed
+        return results, int(confirmed)
+
+    def confirm(self, ids: list[str], confirmed: int) -> list[str]:
+        if confirmed < self.replicas:
+            raise NotReplicated(ids, confirmed, self.replicas)
+        return ids
+
+
 class RedisTransport:
     """EVALSHA in one pipeline: one round trip per batch (redis-py's ``Script`` in a pipeline
     would first ask ``SCRIPT EXISTS``, a second round trip). Transient errors are retried for
@@ -188,6 +245,8 @@ class RedisTransport:
         *,
         retry_for: float = DEFAULT_RETRY_FOR,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        wait_replicas: int = 0,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.client = client
@@ -195,38 +254,48 @@ class RedisTransport:
         self.retention = retention
         self.retry_for = retry_for
         self.idempotency_ttl = idempotency_ttl
+        self.replication = Replication(wait_replicas, wait_timeout)
         self.sleep = sleep
         self.sha = SCRIPT_SHA
 
-    def _run(self, messages: list[Message]) -> list[Any]:
+    def _run(self, messages: list[Message], priors: list[str]) -> list[Any]:
         with self.client.pipeline(transaction=False) as pipe:
-            for message in messages:
+            for message, prior in zip(messages, priors, strict=True):
                 script_keys, args = script_call(
-                    self.keys, self.retention, message, self.idempotency_ttl
+                    self.keys, self.retention, message, self.idempotency_ttl, prior
                 )
                 pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+            self.replication.queue(pipe)
             return pipe.execute(raise_on_error=False)
 
     def send(self, messages: list[Message]) -> list[str]:
         backoff = Backoff(self.retry_for)
+        priors = [""] * len(messages)
         while True:
             try:
-                return self._send_once(messages)
-            except TRANSIENT_ERRORS:
-                delay = backoff.next_delay()
+                return self._send_once(messages, priors)
+            except (*TRANSIENT_ERRORS, ResponseError) as exc:
+                delay = backoff.next_delay() if is_transient(exc) else None
                 if delay is None:
                     raise
+                if isinstance(exc, NotReplicated):
+                    priors = exc.ids
+                # Reconnect for the retry: under Sentinel that asks where the primary is now.
+                self.client.connection_pool.disconnect(inuse_connections=False)
                 self.sleep(delay)
 
-    def _send_once(self, messages: list[Message]) -> list[str]:
-        results = self._run(messages)
+    def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
+        results, confirmed = self.replication.split(self._run(messages, priors))
         if failed := _unloaded(results):
             self.client.script_load(PUBLISH_SCRIPT)
-            for index, result in zip(failed, self._run([messages[i] for i in failed]), strict=True):
+            retried, confirmed = self.replication.split(
+                self._run([messages[i] for i in failed], [priors[i] for i in failed])
+            )
+            for index, result in zip(failed, retried, strict=True):
                 results[index] = result
             if _unloaded(results):
                 raise NoScriptError("the publish script could not be loaded")
-        return [_decode(v) for v in results]
+        return self.replication.confirm([_decode(v) for v in results], confirmed)
 
     def close(self) -> None:
         self.client.close()
@@ -241,44 +310,54 @@ class AsyncRedisTransport:
         *,
         retry_for: float = DEFAULT_RETRY_FOR,
         idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
+        wait_replicas: int = 0,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         self.client = client
         self.keys = keys
         self.retention = retention
         self.retry_for = retry_for
         self.idempotency_ttl = idempotency_ttl
+        self.replication = Replication(wait_replicas, wait_timeout)
         self.sha = SCRIPT_SHA
 
-    async def _run(self, messages: list[Message]) -> list[Any]:
+    async def _run(self, messages: list[Message], priors: list[str]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
-            for message in messages:
+            for message, prior in zip(messages, priors, strict=True):
                 script_keys, args = script_call(
-                    self.keys, self.retention, message, self.idempotency_ttl
+                    self.keys, self.retention, message, self.idempotency_ttl, prior
                 )
                 pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
+            self.replication.queue(pipe)
             return await pipe.execute(raise_on_error=False)
 
     async def send(self, messages: list[Message]) -> list[str]:
         backoff = Backoff(self.retry_for)
+        priors = [""] * len(messages)
         while True:
             try:
-                return await self._send_once(messages)
-            except TRANSIENT_ERRORS:
-                delay = backoff.next_delay()
+                return await self._send_once(messages, priors)
+            except (*TRANSIENT_ERRORS, ResponseError) as exc:
+                delay = backoff.next_delay() if is_transient(exc) else None
                 if delay is None:
                     raise
+                if isinstance(exc, NotReplicated):
+                    priors = exc.ids
+                await self.client.connection_pool.disconnect(inuse_connections=False)
                 await asyncio.sleep(delay)
 
-    async def _send_once(self, messages: list[Message]) -> list[str]:
-        results = await self._run(messages)
+    async def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
+        results, confirmed = self.replication.split(await self._run(messages, priors))
         if failed := _unloaded(results):
             await self.client.script_load(PUBLISH_SCRIPT)
-            retried = await self._run([messages[i] for i in failed])
+            retried, confirmed = self.replication.split(
+                await self._run([messages[i] for i in failed], [priors[i] for i in failed])
+            )
             for index, result in zip(failed, retried, strict=True):
                 results[index] = result
             if _unloaded(results):
                 raise NoScriptError("the publish script could not be loaded")
-        return [_decode(v) for v in results]
+        return self.replication.confirm([_decode(v) for v in results], confirmed)
 
     async def close(self) -> None:
         await self.client.aclose()

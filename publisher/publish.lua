@@ -12,8 +12,8 @@
 --
 -- KEYS[1] clock, KEYS[2] origin, KEYS[3] idempotency key, KEYS[4..] one stream per topic
 -- ARGV[1] frame body (no id line), ARGV[2] max events per topic, ARGV[3] max age in ms (0: none),
--- ARGV[4] how long the idempotency key is remembered (ms), ARGV[5..] one channel per topic, in
--- the same order as the streams
+-- ARGV[4] how long the idempotency key is remembered (ms), ARGV[5] the id an earlier attempt of
+-- this publish was given, or '', ARGV[6..] one channel per topic, in the same order as the streams
 -- Returns the id.
 
 local seen = redis.call('GET', KEYS[3])
@@ -33,33 +33,45 @@ local function split(id)
   return tonumber(ms), tonumber(seq)
 end
 
-local function later(ms, seq, other)
-  local oms, oseq = split(other)
-  if oms > ms or (oms == ms and oseq >= seq) then
-    return oms, oseq + 1
-  end
-  return ms, seq
+local function above(ams, aseq, bms, bseq)
+  return ams > bms or (ams == bms and aseq > bseq)
 end
 
 local t = redis.call('TIME')
 local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local seq = 0
 
+-- The floor: the last id issued here. When the clock is new (first publish, or it was
+-- deleted), never issue an id below what a surviving stream already holds.
+local fms, fseq = 0, -1
 local last = redis.call('GET', KEYS[1])
 if last then
-  ms, seq = later(ms, seq, last)
+  fms, fseq = split(last)
 else
-  -- The clock is new (first publish, or it was deleted): never issue an id below what a
-  -- surviving stream already holds.
   for i = 4, #KEYS do
     if redis.call('EXISTS', KEYS[i]) == 1 then
       local info = redis.call('XINFO', 'STREAM', KEYS[i])
       for j = 1, #info, 2 do
         if info[j] == 'last-generated-id' then
-          ms, seq = later(ms, seq, info[j + 1])
+          local lms, lseq = split(info[j + 1])
+          if above(lms, lseq, fms, fseq) then
+            fms, fseq = lms, lseq
+          end
         end
       end
     end
+  end
+end
+if not above(ms, seq, fms, fseq) then
+  ms, seq = fms, fseq + 1
+end
+-- A retry of a publish that another server gave an id but may not have kept (a failover, or
+-- a restart that lost the last writes) takes that id again while it is still above the floor:
+-- subscribers that saw it live then see it once.
+if ARGV[5] ~= '' then
+  local pms, pseq = split(ARGV[5])
+  if above(pms, pseq, fms, fseq) then
+    ms, seq = pms, pseq
   end
 end
 
@@ -81,7 +93,7 @@ for i = 4, #KEYS do
     redis.call('XTRIM', KEYS[i], 'MINID', string.format('%d-0', ms - max_age))
   end
 end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   redis.call('PUBLISH', ARGV[i], frame)
 end
 redis.call('SET', KEYS[3], id, 'PX', tonumber(ARGV[4]))

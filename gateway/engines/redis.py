@@ -28,6 +28,7 @@ from gateway.engines.base import (
     Position,
     Replay,
     Reset,
+    ResetReason,
     check_history,
     merge_unique,
 )
@@ -85,6 +86,7 @@ class RedisEngine(Engine):
         subscribe_timeout: float = 5.0,
         probe_interval: float = 5.0,
         idempotency_ttl: float = 300.0,
+        publish_replicas: int = 0,
     ) -> None:
         super().__init__()
         self.keys = Keys(prefix)
@@ -92,6 +94,7 @@ class RedisEngine(Engine):
         self.transport = AsyncRedisTransport(
             self.client, self.keys, retention or Retention(),
             retry_for=PUBLISH_RETRY_FOR, idempotency_ttl=idempotency_ttl,
+            wait_replicas=publish_replicas,
         )  # fmt: skip
         self.subscribe_timeout = subscribe_timeout
         self.probe_interval = probe_interval
@@ -188,6 +191,11 @@ class RedisEngine(Engine):
             if self._seen is not None and topics:
                 since = Position.after(key_to_id(self._seen))
                 runs, reset, clock = await self._read_runs(topics, since)
+                if reset is not None and reset.reason is ResetReason.FUTURE_ID:
+                    # This node saw frames that this Redis no longer has (a failover or a
+                    # restart lost its last writes): nothing after them is missing, and a
+                    # retried publish that takes its first id again is skipped by each client.
+                    reset = None
             else:
                 runs, reset = {}, None
                 clock = _key_or_none(await self.client.get(self.keys.clock)) or 0
@@ -244,6 +252,12 @@ class RedisEngine(Engine):
                 continue
             self._probe_seen.clear()
             try:
+                primary = await asyncio.wait_for(self._primary_address(), timeout)
+                at = (getattr(conn, "host", None), getattr(conn, "port", None))
+                if primary and at != primary and conn is self._conn:
+                    log.warning("pub/sub link is on a former primary; moving to %s:%s", *primary)
+                    await conn.disconnect()
+                    continue
                 await asyncio.wait_for(self.client.publish(self._probe_channel, b"probe"), timeout)
                 await asyncio.wait_for(self._probe_seen.wait(), timeout)
             except TimeoutError:  # before OSError, of which it is a subclass
@@ -252,6 +266,18 @@ class RedisEngine(Engine):
                     await conn.disconnect()
             except (RedisError, OSError):
                 continue  # Redis itself is unreachable; the reader notices on its own
+
+    async def _primary_address(self) -> tuple[str, int] | None:
+        """Under Sentinel, where the primary is now (None otherwise).
+
+        A demoted primary keeps its pub/sub clients, and until Sentinel reconfigures it (up to
+        ~10 s) it hears nothing published on the new one: only asking Sentinel tells. Asking
+        through the command pool also drops its idle connections to the former primary."""
+        pool = self.client.connection_pool
+        if not isinstance(pool, SentinelConnectionPool):
+            return None
+        host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]
+        return str(host), int(port)
 
     def _drop_link(self) -> None:
         self._conn = None

@@ -154,12 +154,19 @@ def _info(client: redis.Redis, section: str) -> dict[str, Any]:
 
 
 class SentinelSetup:
-    """A primary, one replica (``--replicaof``) and three sentinels watching ``mymaster``."""
+    """A primary, one replica (``--replicaof``) and three sentinels watching ``mymaster``.
+
+    Both servers run with ``min-replicas-to-write 1``, as the README asks of a Sentinel
+    deployment: a primary that has lost its replica (because it was just promoted) refuses
+    writes instead of acknowledging publishes that the new primary will never have."""
 
     def __init__(self, binary: str) -> None:
         self.binary = binary
-        self.primary = RedisNode(binary)
-        self.replica = RedisNode(binary, "--replicaof", "127.0.0.1", str(self.primary.port))
+        fenced = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")
+        self.primary = RedisNode(binary, *fenced)
+        self.replica = RedisNode(
+            binary, *fenced, "--replicaof", "127.0.0.1", str(self.primary.port)
+        )
         self.nodes = {self.primary.port: self.primary, self.replica.port: self.replica}
         self.dir = tempfile.mkdtemp(prefix="sse-chaos-sentinel-")
         self.ports = [free_port() for _ in range(3)]
