@@ -130,7 +130,12 @@ class Gateway:
         self.metrics = Metrics()
         self.engine = make_engine(settings)
         self.hub = Hub(
-            self.engine, self.metrics, linger=settings.linger, heartbeat=settings.heartbeat
+            self.engine,
+            self.metrics,
+            linger=settings.linger,
+            heartbeat=settings.heartbeat,
+            send_timeout=settings.send_timeout,
+            coalesce=settings.coalesce_ms / 1000,
         )
         self.authorizer = Authorizer(settings)
         self.cors = CorsPolicy(settings.cors_origin)

@@ -49,6 +49,15 @@ def _has(module: str) -> bool:
 
 def serve(settings: Settings) -> int:
     check_exposure(settings)
+    if settings.workers > 1:
+        from gateway.workers import supervise
+
+        return supervise(settings, run_node)
+    return run_node(settings)
+
+
+def run_node(settings: Settings, sock: socket.socket | None = None) -> int:
+    """One gateway process; ``sock``: a listening socket of its own (``--workers``)."""
     gateway = Gateway(settings)
     config = uvicorn.Config(
         gateway.app(),
@@ -62,7 +71,7 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=SHUTDOWN_MARGIN,
         server_header=False,
     )
-    GatewayServer(config, gateway).run()
+    GatewayServer(config, gateway).run(sockets=[sock] if sock is not None else None)
     return 0
 
 

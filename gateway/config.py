@@ -28,6 +28,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class Settings:
     host: str = _opt("127.0.0.1", "interface to listen on (0.0.0.0 in containers)")
     port: int = _opt(8000, "TCP port to listen on")
+    workers: int = _opt(1, "processes serving the port (SO_REUSEPORT), each with its own hub")
     redis_url: str | None = _opt(
         None, "Redis URL (redis://, rediss://, unix://); without one the in-memory engine runs"
     )
@@ -38,6 +39,9 @@ class Settings:
         1 << 20, "bytes queued for one client before it is disconnected as too slow"
     )
     send_timeout: float = _opt(10.0, "seconds one write may take before the client is dropped")
+    coalesce_ms: float = _opt(
+        0.0, "milliseconds to gather live frames before writing them (0: once per loop turn)"
+    )
     linger: float = _opt(2.0, "seconds a topic stays subscribed after its last local client left")
     subscribe_timeout: float = _opt(5.0, "seconds to wait for the engine to confirm a subscribe")
     max_events: int = _opt(2000, "history kept per topic by events published through this node")
@@ -211,13 +215,13 @@ def _validate(settings: Settings) -> None:
         value = getattr(settings, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise SystemExit(f"{_flag(f.name)} must be a finite number")
-    positive: tuple[str, ...] = ("heartbeat", "max_pending_bytes", "send_timeout")
+    positive: tuple[str, ...] = ("heartbeat", "max_pending_bytes", "send_timeout", "workers")
     positive += ("subscribe_timeout", "max_events", "jwks_timeout", "max_topics")
     positive += ("max_query_bytes", "max_header_bytes", "idempotency_ttl")
     for name in positive:
         if getattr(settings, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be greater than 0")
-    at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway")
+    at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway", "coalesce_ms")
     at_least_zero += ("max_connections", "max_connections_per_subject", "connect_rate")
     at_least_zero += (
         "publish_replicas",
@@ -229,6 +233,11 @@ def _validate(settings: Settings) -> None:
     for name in at_least_zero:
         if getattr(settings, name) < 0:
             raise SystemExit(f"{_flag(name)} must be 0 or more")
+    if settings.workers > 1 and not settings.redis_url:
+        raise SystemExit(
+            "--workers above 1 needs --redis-url: the in-memory engine lives in one process, "
+            "so workers would not see each other's events"
+        )
     _validate_security(settings)
 
 

@@ -1,8 +1,12 @@
 """Per-process fan-out: topic -> local subscribers, with ref-counted engine subscriptions.
 
-For each live frame the hub appends the same bytes object to every subscriber of the topic:
-O(1) per (event, subscriber), no JSON, no coroutine call. Each subscriber's writer task joins
-whatever is pending into one chunk, so writes coalesce under load.
+For each live frame the hub frames the bytes once, as one HTTP/1.1 chunk, and hands that same
+bytes object to every subscriber of the topic: no JSON, no coroutine, no task wake-up per
+(event, subscriber). A live subscriber on a transport the hub may write to (``go_direct``)
+gets the frames of one loop iteration (one read from Redis) joined into a single
+``transport.write`` at the end of that iteration: one syscall per client per batch, however
+many frames the batch holds. Other subscribers (replay in progress, another HTTP
+implementation) fall back to a writer task that joins whatever is pending.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 from gateway.engines.base import Engine, Frame
 from gateway.metrics import Metrics
@@ -24,6 +29,19 @@ SHED_REASONS = frozenset({"slow_consumer", "send_timeout"})
 that does not read) and the transport is aborted rather than flushed."""
 
 
+class Transport(Protocol):
+    """What the hub needs of an asyncio (or uvloop) transport to write to it directly."""
+
+    def write(self, data: bytes) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+
+
+def http_chunk(data: bytes) -> bytes:
+    """``data`` as one chunk of a ``Transfer-Encoding: chunked`` body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 class Subscriber:
     """One SSE connection's delivery state.
 
@@ -35,15 +53,19 @@ class Subscriber:
         "behind",
         "chunks",
         "closed",
+        "direct",
+        "dirty",
         "held",
         "last_key",
         "last_write",
         "max_pending",
         "pending_bytes",
         "reason",
+        "stalled_since",
         "topics",
         "types",
         "wake",
+        "wire",
         "writer",
     )
 
@@ -65,16 +87,37 @@ class Subscriber:
         """The task that writes to this client; cancelled when the client is shed."""
         self.behind = False
         """Filtered-out frames advanced ``last_key`` past the last id the client was sent."""
+        self.direct: Transport | None = None
+        """Set once live on a chunked HTTP/1.1 transport: the hub writes to it itself."""
+        self.wire: list[bytes] = []
+        """Framed chunks for ``direct``, written at the end of the loop iteration."""
+        self.dirty: list[Subscriber] = []
+        """The hub's list of subscribers with ``wire`` to write (shared by all)."""
+        self.stalled_since: float | None = None
 
-    def offer(self, frame: Frame) -> bool:
-        """Take a live frame; return whether it was queued for this client."""
+    def offer(self, frame: Frame, wire: bytes) -> bool:
+        """Take a live frame (``wire``: the same, framed as a chunk); return whether it was
+        queued for this client."""
         if self.closed:
             return False
         if self.held is not None:
             self.held.append(frame)
             self._grow(len(frame.data))
             return False
-        return self.accept(frame)
+        if frame.key <= self.last_key:
+            return False
+        self.last_key = frame.key
+        if self.types is not None and frame.event not in self.types:
+            self.behind = True
+            return False
+        if self.direct is not None:
+            if not self.wire:
+                self.dirty.append(self)
+            self.wire.append(wire)
+            return True
+        self.chunks.append(frame.data)
+        self._grow(len(frame.data))
+        return True
 
     def accept(self, frame: Frame) -> bool:
         if frame.key <= self.last_key:
@@ -86,6 +129,29 @@ class Subscriber:
         self.chunks.append(frame.data)
         self._grow(len(frame.data))
         return True
+
+    def go_direct(self, transport: Transport, dirty: list[Subscriber]) -> None:
+        """From now on the hub writes this client's frames to ``transport`` itself (the
+        writer task has sent everything queued before)."""
+        self.dirty = dirty
+        self.direct = transport
+
+    def flush(self, now: float) -> None:
+        """Write what is framed for this client in one call; shed it when the transport holds
+        more than ``max_pending`` bytes that the client has not read."""
+        wire = self.wire
+        transport = self.direct
+        if not wire or transport is None:
+            return
+        data = wire[0] if len(wire) == 1 else b"".join(wire)
+        wire.clear()
+        if transport.is_closing():
+            self.close("client_closed")
+        elif transport.get_write_buffer_size() + len(data) > self.max_pending:
+            self.close("slow_consumer")
+        else:
+            transport.write(data)
+            self.last_write = now
 
     def _grow(self, size: int) -> None:
         self.pending_bytes += size
@@ -105,6 +171,11 @@ class Subscriber:
 
     def write_raw(self, data: bytes) -> None:
         if self.closed:
+            return
+        if self.direct is not None:
+            if not self.wire:
+                self.dirty.append(self)
+            self.wire.append(http_chunk(data))
             return
         self.chunks.append(data)
         self._grow(len(data))
@@ -128,10 +199,16 @@ class Subscriber:
             return
         self.closed = True
         self.reason = reason
+        transport, self.direct = self.direct, None
         if reason in SHED_REASONS:
             self.chunks.clear()
-        elif farewell:
-            self.chunks.append(farewell)
+            self.wire.clear()
+        else:
+            if self.wire and transport is not None and not transport.is_closing():
+                transport.write(b"".join(self.wire))
+            self.wire.clear()
+            if farewell:
+                self.chunks.append(farewell)
         self.held = None
         self.wake.set()
         if reason in SHED_REASONS and self.writer is not None:
@@ -149,12 +226,24 @@ class _Topic:
 
 class Hub:
     def __init__(
-        self, engine: Engine, metrics: Metrics, *, linger: float = 2.0, heartbeat: float = 15.0
+        self,
+        engine: Engine,
+        metrics: Metrics,
+        *,
+        linger: float = 2.0,
+        heartbeat: float = 15.0,
+        send_timeout: float = 10.0,
+        coalesce: float = 0.0,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.linger = linger
         self.heartbeat = heartbeat
+        self.send_timeout = send_timeout
+        self.coalesce = coalesce
+        """Seconds to wait before writing a batch (0: at the end of the loop iteration)."""
+        self.dirty: list[Subscriber] = []
+        self._flush_pending = False
         self.subscribers: set[Subscriber] = set()
         self._topics: dict[str, _Topic] = {}
         self._timer: asyncio.Task[None] | None = None
@@ -237,11 +326,33 @@ class Hub:
         state = self._topics.get(topic)
         if state is None:
             return
+        wire = http_chunk(frame.data)
         delivered = 0
         for sub in state.subscribers:
-            if sub.offer(frame):
+            if sub.offer(frame, wire):
                 delivered += 1
         self.metrics.observe_dispatch(frame.key, delivered)
+        if self.dirty and not self._flush_pending:
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        self._flush_pending = True
+        loop = asyncio.get_running_loop()
+        if self.coalesce > 0:
+            loop.call_later(self.coalesce, self.flush)
+        else:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write every batch framed since the last flush, one write per client."""
+        self._flush_pending = False
+        if not self.dirty:
+            return
+        dirty = self.dirty.copy()
+        self.dirty.clear()  # in place: every subscriber holds this list
+        now = asyncio.get_running_loop().time()
+        for sub in dirty:
+            sub.flush(now)
 
     def _lost(self, topics: Sequence[str]) -> None:
         """Frames of these topics are gone from live delivery and from history: end their
@@ -260,10 +371,31 @@ class Hub:
         tick = max(0.02, min(1.0, self.heartbeat / 10))
         while True:
             await asyncio.sleep(tick)
-            quiet_since = loop.time() - self.heartbeat
-            for sub in self.subscribers:
-                if sub.held is None and not sub.chunks and sub.last_write <= quiet_since:
+            now = loop.time()
+            quiet_since = now - self.heartbeat
+            for sub in list(self.subscribers):
+                if sub.direct is not None:
+                    self._check_stall(sub, now)
+                if (
+                    sub.held is None
+                    and not sub.chunks
+                    and not sub.wire
+                    and sub.last_write <= quiet_since
+                ):
                     sub.write_raw(sub.position_line() + PING if sub.behind else PING)
+            if self.dirty and not self._flush_pending:
+                self._schedule_flush()
+
+    def _check_stall(self, sub: Subscriber, now: float) -> None:
+        """A client written to directly that has not read what it was sent for
+        ``send_timeout`` seconds is dropped, as a stuck write would be."""
+        transport = sub.direct
+        if transport is None or not transport.get_write_buffer_size():
+            sub.stalled_since = None
+        elif sub.stalled_since is None:
+            sub.stalled_since = now
+        elif now - sub.stalled_since > self.send_timeout:
+            sub.close("send_timeout")
 
 
 def _consume_exception(task: asyncio.Task[None]) -> None:

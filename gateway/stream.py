@@ -27,7 +27,7 @@ from gateway.config import Settings
 from gateway.cors import CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
-from gateway.hub import SHED_REASONS, Hub, Subscriber
+from gateway.hub import SHED_REASONS, Hub, Subscriber, Transport
 from gateway.limits import Admission, check_sizes
 from gateway.metrics import Metrics
 from publisher._frames import check_field, comment, event, retry
@@ -297,6 +297,7 @@ class EventStream:
 
     async def _write_live(self, sub: Subscriber, send: Send) -> None:
         loop = asyncio.get_running_loop()
+        direct = direct_transport(send)
         while True:
             await sub.wake.wait()
             sub.wake.clear()
@@ -306,6 +307,9 @@ class EventStream:
             if chunk:
                 await self._send(send, chunk)
                 sub.last_write = loop.time()
+            if direct is not None and not sub.chunks and not sub.closed:
+                sub.go_direct(direct, self.hub.dirty)
+                direct = None
         if sub.reason not in SHED_REASONS:
             if chunk := sub.take():
                 await self._send(send, chunk)
@@ -321,6 +325,19 @@ class EventStream:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             pass
+
+
+def direct_transport(send: Send) -> Transport | None:
+    """The transport under uvicorn's httptools protocol when it frames this response in
+    chunks: the hub may then write finished chunks to it itself. Anything else (h11, an
+    HTTP/1.0 client, a wrapped ``send``) goes through ASGI ``send``."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
+        return None
+    if getattr(cycle, "chunked_encoding", None) is not True:
+        return None
+    transport: Transport | None = getattr(cycle, "transport", None)
+    return transport
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -95,6 +95,20 @@ class GatewayProcess:
         return total
 
 
+def settled_sockets(pid: int, timeout: float = 3.0) -> int:
+    """How many sockets a process holds once the count has held still for 0.3 s (readiness
+    probes and other short connections may still be closing)."""
+    count = open_sockets(pid)
+    deadline = time.monotonic() + timeout
+    steady_since = time.monotonic()
+    while time.monotonic() - steady_since < 0.3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = open_sockets(pid)
+        if now != count:
+            count, steady_since = now, time.monotonic()
+    return count
+
+
 def open_sockets(pid: int) -> int:
     """How many sockets a process holds open."""
     count = 0
