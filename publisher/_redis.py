@@ -137,8 +137,8 @@ def connect(url: str) -> redis.Redis:
     return client
 
 
-def connect_async(url: str) -> redis.asyncio.Redis:
-    options = {**redis_options(), "retry": redis.asyncio.retry.Retry(NoBackoff(), 0)}
+def connect_async(url: str, **extra: Any) -> redis.asyncio.Redis:
+    options = {**redis_options(), "retry": redis.asyncio.retry.Retry(NoBackoff(), 0), **extra}
     target = sentinel_target(url)
     if target is None:
         return redis.asyncio.Redis.from_url(url, **options)

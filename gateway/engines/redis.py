@@ -39,6 +39,10 @@ from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 log = logging.getLogger("gateway.engine")
 
 REPLAY_PAGE = 1000
+REDIS_CONCURRENCY = 64
+"""Replays and publishes in flight at once. A reconnect storm opens thousands of streams in a
+second; past this they queue here instead of each taking a Redis connection (redis-py's pool
+raises "Too many connections" rather than waiting)."""
 PUBLISH_RETRY_FOR = 2.0
 MAX_RECONNECT_DELAY = 2.0
 MAX_KEY = (1 << 128) - 1
@@ -90,7 +94,8 @@ class RedisEngine(Engine):
     ) -> None:
         super().__init__()
         self.keys = Keys(prefix)
-        self.client = connect_async(url)
+        self.client = connect_async(url, max_connections=REDIS_CONCURRENCY + 16)
+        self._slots = asyncio.Semaphore(REDIS_CONCURRENCY)
         self.transport = AsyncRedisTransport(
             self.client, self.keys, retention or Retention(),
             retry_for=PUBLISH_RETRY_FOR, idempotency_ttl=idempotency_ttl,
@@ -354,7 +359,8 @@ class RedisEngine(Engine):
 
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
         try:
-            return await self._replay(topics, position)
+            async with self._slots:
+                return await self._replay(topics, position)
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"replay failed: {exc}") from None
 
@@ -414,6 +420,7 @@ class RedisEngine(Engine):
 
     async def publish(self, message: Message) -> str:
         try:
-            return (await self.transport.send([message]))[0]
+            async with self._slots:
+                return (await self.transport.send([message]))[0]
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"publish failed: {exc}") from None
