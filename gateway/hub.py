@@ -119,17 +119,6 @@ class Subscriber:
         self._grow(len(frame.data))
         return True
 
-    def accept(self, frame: Frame) -> bool:
-        if frame.key <= self.last_key:
-            return False
-        self.last_key = frame.key
-        if self.types is not None and frame.event not in self.types:
-            self.behind = True
-            return False
-        self.chunks.append(frame.data)
-        self._grow(len(frame.data))
-        return True
-
     def go_direct(self, transport: Transport, dirty: list[Subscriber]) -> None:
         """From now on the hub writes this client's frames to ``transport`` itself (the
         writer task has sent everything queued before)."""
@@ -166,7 +155,7 @@ class Subscriber:
         self.last_key = max(self.last_key, after_key)
         self.pending_bytes = 0
         for frame in held:
-            self.accept(frame)
+            self.offer(frame, b"")  # not direct yet: queued for the writer task
         self.wake.set()
 
     def write_raw(self, data: bytes) -> None:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from publisher import Publisher
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, open_sockets
 from tests.support.sse import SSEStream, open_stream
 
 STREAMS = 12
@@ -35,18 +35,6 @@ def _workers(pid: int) -> list[int]:
             if b"spawn_main" in f.read():
                 workers.append(child)
     return workers
-
-
-def _streams_held(pid: int) -> int:
-    """Established TCP connections a worker holds (its streams and its Redis links)."""
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
-                count += 1
-        except OSError:
-            pass
-    return count
 
 
 @pytest.fixture
@@ -75,7 +63,7 @@ def test_streams_spread_over_the_workers_and_each_gets_every_event(
     node: GatewayProcess, redis_url: str, prefix: str
 ) -> None:
     workers = _workers(node.pid)
-    before = {pid: _streams_held(pid) for pid in workers}
+    before = {pid: open_sockets(pid) for pid in workers}
 
     async def scenario() -> list[SSEStream]:
         limits = httpx.Limits(max_connections=STREAMS * 2)
@@ -87,7 +75,7 @@ def test_streams_spread_over_the_workers_and_each_gets_every_event(
             for stream in streams:
                 await stream.wait_for(lambda s: s.status is not None)
             await asyncio.sleep(0.5)
-            held = {pid: _streams_held(pid) - before[pid] for pid in workers}
+            held = {pid: open_sockets(pid) - before[pid] for pid in workers}
             assert all(count > 0 for count in held.values()), f"streams per worker: {held}"
             with Publisher.from_url(redis_url, prefix=prefix) as pub:
                 ids = [pub.publish("orders", {"n": n}) for n in range(5)]
