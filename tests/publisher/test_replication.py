@@ -169,7 +169,7 @@ def test_an_unconfirmed_publish_is_retried_with_its_first_id(
     """The transport hands the ids of an unconfirmed attempt to the next one."""
     transport = RedisTransport(
         redis.Redis(port=primary.port), Keys(prefix), Retention(),
-        wait_replicas=1, wait_timeout=0.02, retry_for=0.2, sleep=lambda _: None,
+        wait_replicas=1, wait_timeout=0.02, retry_for=1.0, sleep=lambda _: None,
     )  # fmt: skip
     seen: list[list[str]] = []
     send_once = transport._send_once
