@@ -74,6 +74,13 @@ VALID_TOKENS = [
     mint(claims(subscribe=["fuzz:*", "canary"], publish=["fuzz:*"]), algorithm="HS512"),
     mint(claims(subscribe=["*"]), headers={"kid": "../../etc/passwd", "jku": "http://10.0.0.1/"}),
 ]
+BACKTRACKING_PUBLIC = "*:*:*:*:archive"
+"""A public pattern that a ``.*`` regex matched in seconds against a topic of colons."""
+BACKTRACKER = mint(
+    claims("backtracker", subscribe=["*a*a*a*b", "*:*:*:*:x"], publish=["fuzz:*:*:*:*:x"])
+)
+"""Granted patterns that backtrack against long runs of ``a`` or ``:`` (issue 10 E)."""
+VALID_TOKENS.append(BACKTRACKER)
 HOSTILE_TOKENS = [
     mint(claims(subscribe=["*"], ttl=-DAY)),
     mint(claims(subscribe=["*"]), key="another-secret-0123456789abcdef0123456"),
@@ -131,7 +138,8 @@ def hostile(redis_url: str) -> Iterator[Hostile]:
     """One token-mode gateway for the whole module, with every limit that could answer 429 or
     503 lifted: any 5xx (or 429) seen here is a bug."""
     prefix = "t" + uuid.uuid4().hex[:10]
-    flags = ["--jwt-secret", SECRET, "--public-topics", "canary", "--cors-origin", ORIGIN,
+    flags = ["--jwt-secret", SECRET, "--public-topics", "canary",
+             "--public-topics", BACKTRACKING_PUBLIC, "--cors-origin", ORIGIN,
              "--max-connections", "1000000", "--max-connections-per-subject", "0",
              "--connect-rate", "0", "--prefix", prefix]  # fmt: skip
     gateway = GatewayProcess(*flags, redis_url=redis_url)
@@ -293,7 +301,15 @@ QUERY_JUNK = [b"", b"", b"&", b"&&", b"=", b"==", b"%", b"%F", b"%FF", b"%zz", b
               b"%0D%0A", b"#frag", b"?", b"+", b"%C0%80", b"%ED%A0%80"]  # fmt: skip
 
 valid_topics = st.text(alphabet=TOPIC_CHARS, min_size=1, max_size=24)
+backtracking_topics = st.one_of(
+    st.integers(200, 256).map(lambda n: ":" * n),
+    st.integers(200, 256).map(lambda n: "a" * n),
+    st.integers(100, 128).map(lambda n: "a:" * n),
+    st.integers(100, 120).map(lambda n: "fuzz:" + ":" * n + "y"),
+)
+"""Topic shapes that make a backtracking glob matcher explore every split (issue 10 E)."""
 topics = st.one_of(
+    backtracking_topics,
     st.sampled_from(ODD_TOPICS),
     valid_topics,
     valid_topics.map(lambda t: "fuzz:" + t),
@@ -351,7 +367,8 @@ def quoted(name: str, values: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes
 plausible_queries = st.tuples(
     st.lists(
         quoted("topic", st.one_of(valid_topics, valid_topics.map(lambda t: "fuzz:" + t),
-                                  st.sampled_from(["canary", "fuzz:a", "private:canary"]))),
+                                  st.sampled_from(["canary", "fuzz:a", "private:canary"]),
+                                  backtracking_topics)),
         min_size=1, max_size=3,
     ),
     st.lists(
@@ -662,10 +679,72 @@ CRLF_ID = HostileRequest(
 )
 
 
+class Liveness:
+    """Probes ``/healthz`` back to back from a thread and keeps the longest wait seen,
+    counting a probe still in flight: a frozen event loop shows at once (issue 10 E)."""
+
+    BOUND = 1.0
+    """A functional bound: a blocked loop takes seconds, a served probe milliseconds."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.slowest = 0.0
+        self.probes = 0
+        self._started: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="liveness", daemon=True)
+
+    def __enter__(self) -> Liveness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                self._started = time.monotonic()
+                client.get(self.url + "/healthz").raise_for_status()
+                self.slowest = max(self.slowest, time.monotonic() - self._started)
+                self._started = None
+                self.probes += 1
+                self._stop.wait(0.02)
+
+    def longest_wait(self) -> float:
+        started = self._started
+        in_flight = time.monotonic() - started if started is not None else 0.0
+        return max(self.slowest, in_flight)
+
+    def check(self, what: object) -> None:
+        waited = self.longest_wait()
+        assert waited < self.BOUND, f"/healthz waited {waited:.2f}s around {what!r:.300}"
+
+
+BACKTRACKER_HEADER = (b"authorization", b"Bearer " + BACKTRACKER.encode())
+BACKTRACKING_EXAMPLES = [
+    HostileRequest(b"GET", b"/events?topic=" + b":" * 256),
+    HostileRequest(b"GET", b"/events?topic=" + b"a" * 256, (BACKTRACKER_HEADER,)),
+    HostileRequest(
+        b"POST",
+        b"/publish",
+        (BACKTRACKER_HEADER, (b"content-type", b"application/json")),
+        b'{"topic":"fuzz:' + b":" * 200 + b'y","data":1}',
+    ),
+]
+
+
 def test_hostile_requests_get_json_4xx_and_never_disturb_a_stream(hostile: Hostile) -> None:
+    """Also issue 10 E: pattern and topic shapes that make a backtracking matcher explore
+    every split never stall the node: ``/healthz`` answers fast throughout."""
     seen: dict[str, int] = {}
 
-    with Canary(hostile.url) as canary, httpx.Client(timeout=httpx.Timeout(10)) as client:
+    with (
+        Canary(hostile.url) as canary,
+        Liveness(hostile.url) as liveness,
+        httpx.Client(timeout=httpx.Timeout(10)) as client,
+    ):
 
         @settings(
             max_examples=250,
@@ -682,15 +761,20 @@ def test_hostile_requests_get_json_4xx_and_never_disturb_a_stream(hostile: Hosti
         @example(request=STREAM_OK)
         @example(request=PUBLISH_OK)
         @example(request=CRLF_ID)
+        @example(request=BACKTRACKING_EXAMPLES[0])
+        @example(request=BACKTRACKING_EXAMPLES[1])
+        @example(request=BACKTRACKING_EXAMPLES[2])
         @example(request=HostileRequest(b"GET", b"/events?topic=canary%FF&topic=%C0%80"))
         @example(request=HostileRequest(b"POST", b"/publish", (), b"[" * 30000 + b"]" * 30000))
         def attack(request: HostileRequest) -> None:
             outcome = send(client, hostile, request)
             check(request, outcome)
+            liveness.check(request)
             key = f"{outcome.status} via {outcome.via}"
             seen[key] = seen.get(key, 0) + 1
 
         attack()
+        assert liveness.probes >= 10, liveness.probes
         assert hostile.gateway.process is not None
         assert hostile.gateway.process.poll() is None, "the gateway died"
 
