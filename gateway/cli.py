@@ -18,6 +18,7 @@ import uvicorn
 from gateway.app import Gateway
 from gateway.config import ENV_PREFIX, Settings, add_arguments, check_exposure, settings_from
 from gateway.logs import log_config
+from gateway.protocol import head_bound, protocol_class
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 
@@ -27,8 +28,9 @@ SHUTDOWN_MARGIN = 2
 
 class GatewayServer(uvicorn.Server):
     """uvicorn waits for open responses before it shuts down, and SSE responses never end by
-    themselves: drain them first (still listening, so new requests get a clear 503 rather than
-    a refused connection), then let uvicorn close the rest."""
+    themselves: drain them first, still listening (a browser then gets a refusal that it
+    retries, an API client a 503 ``draining``, rather than a refused connection), then let
+    uvicorn close the listener and the rest."""
 
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
@@ -59,12 +61,15 @@ def serve(settings: Settings) -> int:
 def run_node(settings: Settings, sock: socket.socket | None = None) -> int:
     """One gateway process; ``sock``: a listening socket of its own (``--workers``)."""
     gateway = Gateway(settings)
+    http = "httptools" if _has("httptools") else "h11"
+    bound = head_bound(settings.max_header_bytes, settings.max_query_bytes)
     config = uvicorn.Config(
         gateway.app(),
         host=settings.host,
         port=settings.port,
         loop="uvloop" if _has("uvloop") else "asyncio",
-        http="httptools" if _has("httptools") else "h11",
+        http=protocol_class(http, settings.header_timeout, bound),
+        h11_max_incomplete_event_size=bound,
         log_config=log_config(settings.log_level),
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,

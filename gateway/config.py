@@ -47,6 +47,11 @@ class Settings:
     max_events: int = _opt(2000, "history kept per topic by events published through this node")
     max_age: float = _opt(3600.0, "seconds of history kept per topic (0: no age limit)")
     max_publish_bytes: int = _opt(64 * 1024, "largest POST /publish body accepted")
+    publish_rate: float = _opt(
+        1000.0,
+        "POST /publish events per second per token subject (per address when anonymous), "
+        "bursts of twice that (0: unlimited)",
+    )
     idempotency_ttl: float = _opt(
         300.0, "seconds a publish's idempotency key is remembered (a retry returns its first id)"
     )
@@ -93,12 +98,21 @@ class Settings:
     )
     max_connections: int = _opt(10_000, "open streams per node (0: unlimited)")
     max_connections_per_subject: int = _opt(64, "open streams per token subject (0: unlimited)")
+    max_connections_per_address: int = _opt(
+        0, "open streams per client address (0: unlimited; behind a balancer, one address is many)"
+    )
     max_topics: int = _opt(64, "topics per stream and per publish")
     connect_rate: float = _opt(
-        20.0, "new streams per second per client address and per subject (0: unlimited)"
+        20.0, "new streams per second per token subject, bursts of twice that (0: unlimited)"
+    )
+    connect_rate_per_address: float = _opt(
+        0.0, "new streams per second per client address, bursts of twice that (0: unlimited)"
     )
     max_query_bytes: int = _opt(8192, "longest query string accepted")
     max_header_bytes: int = _opt(16384, "largest total size of a request's headers")
+    header_timeout: float = _opt(
+        15.0, "seconds a connection has to send a request's complete headers (slowloris)"
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
     access_log: bool = _opt(True, "log one line per HTTP request")
 
@@ -217,12 +231,14 @@ def _validate(settings: Settings) -> None:
             raise SystemExit(f"{_flag(f.name)} must be a finite number")
     positive: tuple[str, ...] = ("heartbeat", "max_pending_bytes", "send_timeout", "workers")
     positive += ("subscribe_timeout", "max_events", "jwks_timeout", "max_topics")
-    positive += ("max_query_bytes", "max_header_bytes", "idempotency_ttl")
+    positive += ("max_query_bytes", "max_header_bytes", "idempotency_ttl", "header_timeout")
     for name in positive:
         if getattr(settings, name) <= 0:
             raise SystemExit(f"{_flag(name)} must be greater than 0")
     at_least_zero: tuple[str, ...] = ("linger", "max_age", "retry_ms", "jwt_leeway", "coalesce_ms")
     at_least_zero += ("max_connections", "max_connections_per_subject", "connect_rate")
+    at_least_zero += ("max_connections_per_address", "connect_rate_per_address")
+    at_least_zero += ("publish_rate",)
     at_least_zero += (
         "publish_replicas",
         "probe_interval",

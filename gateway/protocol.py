@@ -1,0 +1,221 @@
+"""Connection-level limits on request heads, and the TCP peer, for uvicorn's HTTP protocols.
+
+uvicorn reads a request head for as long as the client takes and buffers it whole before any
+size check runs: a client sending one header byte at a time holds its connection forever
+(slowloris), and one sending an endless header grows the process by every byte. The protocols
+here close a connection whose head is not complete within ``--header-timeout`` seconds (a 408
+if some of it arrived, silently if nothing did) or grows past the head bound (a 431), and
+record the TCP peer in ``scope["extensions"][PEER_EXTENSION]`` before uvicorn's proxy-headers
+middleware rewrites ``scope["client"]`` from ``X-Forwarded-For``.
+
+They rely on these uvicorn internals (``check_uvicorn`` verifies them at start-up, and
+tests/gateway/test_connection_limits.py runs real connections through them):
+
+- ``uvicorn.Server`` builds a protocol as ``config.http_protocol_class(config=...,
+  server_state=..., app_state=..., _loop=...)`` and ``uvicorn.Config(http=<class>)`` uses the
+  class as given;
+- ``HttpToolsProtocol``: ``connection_made``, ``connection_lost``, ``data_received`` and the
+  parser callbacks ``on_message_begin`` (which creates ``self.scope``) and
+  ``on_headers_complete``; attributes ``transport``, ``client`` and ``loop``;
+- ``H11Protocol``: ``connection_made``, ``connection_lost``, ``data_received`` and
+  ``handle_events`` (which sets ``self.scope`` for each request); attributes ``conn`` (an
+  ``h11.Connection``), ``transport``, ``client`` and ``loop``; its head size is bounded by
+  ``Config.h11_max_incomplete_event_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+import h11
+import orjson
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+PEER_EXTENSION = "sse_gateway.peer"
+REQUEST_LINE_BYTES = 8192
+"""Allowance for the method, path and version on top of the header and query bounds."""
+
+
+def head_bound(max_header_bytes: int, max_query_bytes: int) -> int:
+    """Bytes of an unfinished request head after which the connection is refused."""
+    return max_header_bytes + max_query_bytes + REQUEST_LINE_BYTES
+
+
+def _refusal(status: int, reason: bytes, error: str, message: str) -> bytes:
+    body = orjson.dumps({"error": error, "message": message})
+    head = b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\n" % (status, reason)
+    head += b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    return head + body
+
+
+class HeadGuard:
+    """The timer and byte count of the request head being read on one connection."""
+
+    header_timeout: float = 15.0
+    max_head_bytes: int = 32768
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def _guard_start(self) -> None:
+        self._head_bytes = 0
+        self._head_begun = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _head_done(self) -> None:
+        self._head_bytes = 0
+        self._head_begun = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _count_head(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse(
+                _refusal(
+                    431, b"Request Header Fields Too Large", "headers_too_large",
+                    f"the request head must be at most {self.max_head_bytes} bytes",
+                )
+            )  # fmt: skip
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._head_begun:
+            self._refuse(b"")
+            return
+        self._refuse(
+            _refusal(
+                408, b"Request Timeout", "header_timeout",
+                f"the request headers must arrive within {self.header_timeout:g}s",
+            )
+        )  # fmt: skip
+
+    def _refuse(self, answer: bytes) -> None:
+        self._head_done()
+        if self.transport.is_closing():
+            return
+        if answer:
+            self.transport.write(answer)
+        self.transport.close()
+
+
+class HttpToolsGuard(HeadGuard):
+    """Mixed into uvicorn's ``HttpToolsProtocol`` by :func:`protocol_class`."""
+
+    client: tuple[str, int] | None
+    scope: Any
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._guard_start()
+        self._head_begun = False
+        self._reading_head = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        counted = self._reading_head
+        super().data_received(data)  # type: ignore[misc]
+        if counted and self._reading_head and not self.transport.is_closing():
+            # A head that began inside this read is counted from the next one: the bound
+            # is then exceeded by at most one read, and a pipelined body is never counted.
+            self._count_head(len(data))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        self.scope.setdefault("extensions", {})[PEER_EXTENSION] = self.client
+        self._head_begun = True
+        self._reading_head = True
+        self._arm_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._reading_head = False
+        self._head_done()
+        super().on_headers_complete()  # type: ignore[misc]
+
+
+class H11Guard(HeadGuard):
+    """Mixed into uvicorn's ``H11Protocol`` (when httptools is not installed)."""
+
+    client: tuple[str, int] | None
+    scope: Any
+    conn: h11.Connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._guard_start()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        self._head_begun = True
+        self._arm_head_timer()
+        super().data_received(data)  # type: ignore[misc]
+        if self.conn.their_state is not h11.IDLE:
+            self._head_done()
+
+    def handle_events(self) -> None:
+        before = self.scope if hasattr(self, "scope") else None
+        super().handle_events()  # type: ignore[misc]
+        scope = getattr(self, "scope", None)
+        if scope is not None and scope is not before:
+            scope.setdefault("extensions", {})[PEER_EXTENSION] = self.client
+
+
+def protocol_class(http: str, header_timeout: float, max_head_bytes: int) -> type[Any]:
+    """uvicorn's ``http`` protocol (``"httptools"`` or ``"h11"``) with the head limits."""
+    check_uvicorn()
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        bases: tuple[type[Any], ...] = (HttpToolsGuard, HttpToolsProtocol)
+    else:
+        bases = (H11Guard, H11Protocol)
+    limits = {"header_timeout": header_timeout, "max_head_bytes": max_head_bytes}
+    return type(f"Guarded{bases[1].__name__}", bases, limits)
+
+
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol": (
+        "connection_made", "connection_lost", "data_received", "on_message_begin",
+        "on_headers_complete",
+    ),
+    "uvicorn.protocols.http.h11_impl:H11Protocol": (
+        "connection_made", "connection_lost", "data_received", "handle_events",
+    ),
+}  # fmt: skip
+INIT_PARAMETERS = ("config", "server_state", "app_state", "_loop")
+
+
+def check_uvicorn() -> None:
+    """Fail at start-up, naming what changed, if uvicorn no longer has what this relies on."""
+    import importlib
+
+    for target, methods in REQUIRED.items():
+        module_name, _, class_name = target.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:
+            if "httptools" in module_name:
+                continue  # h11 is used instead
+            raise
+        missing = [name for name in methods if not callable(getattr(cls, name, None))]
+        parameters = inspect.signature(cls.__init__).parameters
+        missing += [f"__init__({name}=)" for name in INIT_PARAMETERS if name not in parameters]
+        if missing:
+            raise RuntimeError(
+                f"this uvicorn's {class_name} lacks {', '.join(missing)}: gateway/protocol.py "
+                "needs updating for it"
+            )
