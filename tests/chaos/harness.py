@@ -555,6 +555,7 @@ class SSEClient:
         self.closed_at: list[float] = []
         """``time.monotonic()`` of each stream end the server chose (EOF or last chunk)."""
         self.statuses: collections.Counter[int] = collections.Counter()
+        self.refusals = 0
         self.errors: list[str] = []
         self.connected = False
         self.retry_ms = 3000
@@ -659,6 +660,9 @@ class SSEClient:
             writer.close()
 
     def _dispatch(self, event: ServerEvent) -> None:
+        if event.event == "refused":  # a temporary refusal: it carries no id, and is retried
+            self.refusals += 1
+            return
         if event.event == "reset":
             self.received.append(Received(event.id, event.event, event.data, 0))
             return
@@ -1427,3 +1431,121 @@ class Chaos:
                 cleanup()
             except Exception:
                 traceback.print_exc()
+
+
+# -- a proxy that blackholes -----------------------------------------------------------------
+
+
+class BlackholeProxy:
+    """A TCP proxy in front of Redis whose network can go black: between ``blackhole`` and
+    ``restore`` every byte is dropped both ways and nothing is closed, on the connections open
+    at the start and on every one accepted meanwhile (the connect itself succeeds, as the
+    kernel completes it, so only the replies never come). After ``restore`` new connections
+    pass normally; the ones that went black stay black, as when a NAT lost their state."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.port = 0
+        self.black = False
+        self.links: list[dict[str, bool]] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = LoopThread("chaos-blackhole-proxy")
+        self._thread.run(self._listen())
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def blackhole(self) -> int:
+        """Drop every byte from now on; return how many connections were open."""
+
+        async def black() -> int:
+            self.black = True
+            open_links = [link for link in self.links if not link["closed"]]
+            for link in open_links:
+                link["black"] = True
+            return len(open_links)
+
+        return self._thread.run(black())
+
+    def restore(self) -> None:
+        """Serve new connections normally again."""
+
+        async def restore() -> None:
+            self.black = False
+
+        self._thread.run(restore())
+
+    def live_pubsub_links(self) -> int:
+        """Pub/sub connections open and passing bytes."""
+
+        async def count() -> int:
+            return sum(
+                1 for link in self.links if link["pubsub"] and not (link["black"] or link["closed"])
+            )
+
+        return self._thread.run(count())
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link = {"pubsub": False, "black": self.black, "closed": False}
+        self.links.append(link)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            if link["black"]:
+                while await reader.read(1 << 16):
+                    pass
+                return
+            try:
+                upstream_reader, upstream = await asyncio.open_connection(
+                    "127.0.0.1", self.redis_port
+                )
+            except OSError:
+                return
+
+            async def requests() -> None:
+                assert upstream is not None
+                buffer = b""
+                while data := await reader.read(1 << 16):
+                    if not link["pubsub"]:
+                        commands, buffer = _commands(buffer + data)
+                        link["pubsub"] = any(
+                            args[0].upper() in (b"SUBSCRIBE", b"PSUBSCRIBE") for args in commands
+                        )
+                    if not link["black"]:
+                        upstream.write(data)
+                        await upstream.drain()
+
+            async def replies() -> None:
+                while data := await upstream_reader.read(1 << 16):
+                    if not link["black"]:
+                        writer.write(data)
+                        await writer.drain()
+
+            tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except (asyncio.CancelledError, OSError):
+            pass
+        finally:
+            link["closed"] = True
+            writer.transport.abort()
+            if upstream is not None:
+                upstream.transport.abort()
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await _cancel_all()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._thread.run(self._stop(), 20)
+        self._thread.close()

@@ -1,0 +1,91 @@
+"""Scenario 11 (issue 10 D, blackhole): the network between the nodes and Redis goes black
+for 10 s. Every byte is dropped both ways and nothing is closed: the open connections go
+silent, and new ones connect but never get a reply. Then new connections pass again, while
+the ones that went black stay black. Publishers reach Redis directly and keep publishing.
+
+Each node must recover by itself, because every Redis wait (connect, handshake, subscribe,
+reads) has a time limit: a new pub/sub link, /readyz 200 again, and everything acknowledged
+meanwhile backfilled or replayed to each client, exactly once and in order."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.chaos.harness import (
+    BlackholeProxy,
+    Chaos,
+    Ledger,
+    check_delivery,
+    spread_topics,
+    summary,
+    wait_caught_up,
+    wait_connected,
+    wait_until,
+)
+
+TOPICS = [f"black{i}" for i in range(5)]
+BLACKHOLE = 10.0
+RECOVERY = 20.0
+"""Seconds after the network comes back within which each node must be linked and ready (a
+link attempt that went black gives up after its connect timeout, then the next one passes)."""
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.chaos
+def test_nodes_recover_by_themselves_after_a_blackholed_network(chaos: Chaos) -> None:
+    server = chaos.redis()
+    proxy = BlackholeProxy(server.port)
+    chaos.defer(proxy.close)
+    nodes = [chaos.node(proxy.url) for _ in range(2)]
+    lb = chaos.load_balancer(nodes)
+    clients = chaos.clients(lb.port, spread_topics(TOPICS, 60))
+    wait_connected(clients)
+    publisher = chaos.publisher(server.url, TOPICS, rate=40).start()
+
+    time.sleep(2)
+    assert proxy.live_pubsub_links() == len(nodes)
+    assert proxy.blackhole() >= len(nodes)
+    time.sleep(BLACKHOLE)  # the fault itself lasts this long
+    proxy.restore()
+    back = time.monotonic()
+    during = Ledger([publisher])
+
+    problems = []
+    try:
+        wait_until(lambda: proxy.live_pubsub_links() == len(nodes), RECOVERY, "the nodes to relink")
+    except TimeoutError as exc:
+        problems.append(f"{exc}: {proxy.live_pubsub_links()} of {len(nodes)} links")
+    relinked = time.monotonic() - back
+    try:
+        wait_until(
+            lambda: all(_ready(n.url) for n in nodes), max(1.0, RECOVERY - relinked), "/readyz"
+        )
+    except TimeoutError as exc:
+        problems.append(f"{exc}: {[_ready(n.url) for n in nodes]}")
+    ready = time.monotonic() - back
+    # Everything acknowledged up to the end of the blackhole reaches every client.
+    caught_up = wait_caught_up(clients, during, max(1.0, RECOVERY - ready)) + ready
+    if not problems:
+        time.sleep(3)  # events after the recovery
+    publisher.stop()
+
+    ledger = Ledger([publisher])
+    wait_caught_up(clients, ledger, 1 if problems else 15)
+    print(
+        summary(clients, ledger),
+        f"after the blackhole: relinked {relinked:.1f}s, ready {ready:.1f}s, "
+        f"clients caught up {caught_up:.1f}s",
+    )
+    assert not problems, "the nodes did not recover by themselves:\n" + "\n".join(problems)
+    assert not publisher.failed, f"direct publishes failed: {publisher.failed[:3]}"
+    check_delivery(clients, ledger)
+    assert caught_up < RECOVERY, f"clients caught up {caught_up:.1f}s after the blackhole"
