@@ -1,0 +1,133 @@
+"""Scenario 13 (issue 10 D, a full Redis): Redis runs with ``maxmemory-policy noeviction`` (the
+README's advice) and for 10 s its ``maxmemory`` is below what it holds, so it refuses every
+write (OOM). Meanwhile every client's connection is cut, and a third of the clients come back
+from a pause with events to catch up on.
+
+Reads keep working when Redis refuses writes: each client's replay arrives during the 10 s and
+its stream stays open. Publishes fail at once with an error that says Redis is out of memory
+(never acknowledged, never stored, never delivered). Once ``maxmemory`` is restored,
+publishing resumes and the strict invariant holds for everything acknowledged."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import httpx
+import pytest
+import redis
+
+from publisher._redis import SCRIPT_SHA
+from tests.chaos.harness import (
+    Chaos,
+    Ledger,
+    LoadBalancer,
+    SSEClient,
+    _tag,
+    check_delivery,
+    spread_topics,
+    stored_tags,
+    summary,
+    wait_caught_up,
+    wait_connected,
+    wait_until,
+)
+from tests.support.gateway import GatewayProcess
+
+TOPICS = [f"full{i}" for i in range(5)]
+FULL_FOR = 10.0
+REPLAY_DEADLINE = 6.0
+"""Seconds after the cut within which every client has its replay (Redis still full)."""
+
+
+def _cut_all(lb: LoadBalancer, nodes: list[GatewayProcess]) -> None:
+    """Drop every client connection at the load balancer, as a network blip would."""
+    for node in nodes:
+        lb.remove(node.port, close_open=True)
+        lb.add(node.port)
+
+
+def _oom(admin: redis.Redis, key: str) -> bool:
+    try:
+        admin.set(key, "x")
+    except redis.exceptions.OutOfMemoryError:
+        return True
+    admin.delete(key)
+    return False
+
+
+def _closes(clients: list[SSEClient]) -> list[int]:
+    return [c.server_closes for c in clients]
+
+
+@pytest.mark.chaos
+def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chaos) -> None:
+    server = chaos.redis("--maxmemory-policy", "noeviction")
+    nodes = [chaos.node(server.url) for _ in range(2)]
+    lb = chaos.load_balancer(nodes)
+    clients = chaos.clients(lb.port, spread_topics(TOPICS, 60))
+    wait_connected(clients)
+    publisher = chaos.publisher(server.url, TOPICS, rate=40, retry_for=5).start()
+    away = clients[::3]
+
+    time.sleep(2)
+    chaos.pool.pause(away)
+    time.sleep(2)  # events the paused clients will have to replay
+    problems: list[str] = []
+    with contextlib.closing(server.client()) as admin:
+        admin.config_set("maxmemory", 1)
+        full_at = time.monotonic()
+        assert _oom(admin, f"{chaos.prefix}:oom-check"), "Redis still accepts writes"
+        wait_until(lambda: bool(publisher.failed), 5, "a publish to be refused")
+        before = Ledger([publisher])
+        _cut_all(lb, nodes)
+        chaos.pool.resume(away)
+        cut_at = time.monotonic()
+        try:
+            wait_until(
+                lambda: all(c.connected and c.last_key >= before.newest(c.topics) for c in clients),
+                REPLAY_DEADLINE,
+                "every client to have its replay",
+            )
+        except TimeoutError as exc:
+            behind = [c.describe() for c in clients if c.last_key < before.newest(c.topics)]
+            problems.append(f"{exc} while Redis is full: {len(behind)} behind: {behind[:3]}")
+        replayed = time.monotonic() - cut_at
+        closes = _closes(clients)
+        http = httpx.post(
+            nodes[0].url + "/publish",
+            json={"topic": TOPICS[0], "data": {"tag": "http-full"}},
+            timeout=10,
+        )
+        wait_until(lambda: time.monotonic() - full_at >= FULL_FOR, FULL_FOR, "the fault to end")
+        still_full = _oom(admin, f"{chaos.prefix}:oom-check")
+        ended = [c.describe() for c, n in zip(clients, closes, strict=True) if c.server_closes > n]
+        admin.config_set("maxmemory", 0)
+    refused = len(publisher.failed)
+    wait_until(lambda: publisher.acked[-1].at > cut_at, 5, "publishing to resume")
+    time.sleep(3)
+    publisher.stop()
+
+    ledger = Ledger([publisher])
+    wait_caught_up(clients, ledger, 15)
+    print(
+        summary(clients, ledger),
+        f"replays while full: {replayed:.1f}s; {refused} publishes refused; "
+        f"HTTP publish: {http.status_code} {http.text[:200]}",
+    )
+    assert still_full, "Redis accepted writes before the end of the fault: the test proves less"
+    assert not problems, "\n".join(problems)
+    assert not ended, f"{len(ended)} streams ended while Redis was full: {ended[:3]}"
+    unclear = [error for _, _, error in publisher.failed if "memory" not in error.lower()]
+    assert not unclear, f"publishes failed without saying why: {unclear[:3]}"
+    assert publisher.slowest < 3, f"a refused publish took {publisher.slowest:.1f}s (retried?)"
+    assert http.status_code >= 400, f"POST /publish while full: {http.status_code} {http.text}"
+    assert http.json().get("error"), http.text
+    assert SCRIPT_SHA not in http.text, f"POST /publish while full leaks internals: {http.text}"
+    failed = {tag for tag, _, _ in publisher.failed}
+    with contextlib.closing(server.client()) as admin:
+        stored = set(stored_tags(admin, chaos.prefix, TOPICS))
+    assert not stored & failed, f"refused publishes were stored: {sorted(stored & failed)[:3]}"
+    delivered = {tag for c in clients for r in c.received if (tag := _tag(r.data))}
+    assert not delivered & failed, f"refused publishes delivered: {sorted(delivered & failed)[:3]}"
+    check_delivery(clients, ledger)
