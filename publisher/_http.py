@@ -13,6 +13,16 @@ import orjson
 from publisher._message import Message, PublishError
 from publisher._retry import Backoff
 
+RETRIED = frozenset({429, 502, 503, 504})
+"""Statuses that say "not now": overload, pacing, a node or its store briefly unavailable."""
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (the HTTP-date form is not used by the gateway)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
+
 
 class HttpTransport:
     def __init__(
@@ -54,15 +64,20 @@ class HttpTransport:
             reply = {}
         if response.status != 200 or not isinstance(reply, dict) or "id" not in reply:
             detail = reply.get("message") if isinstance(reply, dict) else None
+            code = reply.get("error") if isinstance(reply, dict) else None
             raise PublishError(
                 f"gateway refused the publish ({response.status}): {detail or raw[:200]!r}",
                 status=response.status,
+                error=code if isinstance(code, str) else None,
+                retry_after=_seconds(response.getheader("retry-after")),
             )
         return str(reply["id"])
 
     def send(self, messages: list[Message]) -> list[str]:
-        """Each message is posted until the gateway answers; a connection error or a 503 is
-        retried (the idempotency key makes that safe) for ``retry_for`` seconds."""
+        """Each message is posted until the gateway answers; a connection error, a 429 and a
+        502, 503 or 504 are retried (the idempotency key makes that safe) for ``retry_for``
+        seconds, no sooner than ``Retry-After`` says. Any other refusal (a 4xx, a 500 or a
+        507) cannot succeed by sending the same request again and is raised at once."""
         ids: list[str] = []
         conn = self._connect()
         try:
@@ -73,10 +88,14 @@ class HttpTransport:
                         ids.append(self._post(conn, message))
                         break
                     except (OSError, http.client.HTTPException, PublishError) as exc:
-                        retryable = not isinstance(exc, PublishError) or exc.status == 503
+                        retryable = not isinstance(exc, PublishError) or exc.status in RETRIED
                         delay = backoff.next_delay() if retryable else None
                         if delay is None:
                             raise
+                        if isinstance(exc, PublishError) and exc.retry_after:
+                            if exc.retry_after > backoff.left():
+                                raise
+                            delay = max(delay, exc.retry_after)
                         conn.close()
                         time.sleep(delay)
                         conn = self._connect()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from publisher._frames import check_field, encode_body, serialize_data
-from publisher._schema import check_topic
+from publisher._schema import check_topic, idempotency_digest
 
 TopicArg = str | Sequence[str]
 
@@ -25,6 +25,13 @@ class Message:
     """The frame body, serialized once here and never again."""
     idempotency_key: str
     """Names this publish, so that a retry of it is recognised and not stored twice."""
+    scope: str = ""
+    """Whose key it is: a key names one publish of one publisher to one set of topics (the
+    gateway sets the token subject; direct Redis publishers share the empty scope)."""
+
+    @property
+    def idempotency_digest(self) -> str:
+        return idempotency_digest(self.scope, self.topics, self.idempotency_key)
 
 
 _IDEMPOTENCY_KEY = re.compile(r"[A-Za-z0-9_.:/@+=-]{1,128}")
@@ -56,8 +63,17 @@ def make_message(
 
 
 class PublishError(Exception):
-    """A publish was refused (HTTP transport: the gateway's status and JSON error)."""
+    """A publish was refused (HTTP transport: the gateway's status, its JSON ``error`` code
+    and its ``Retry-After`` in seconds, if any)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        error: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.error = error
+        self.retry_after = retry_after

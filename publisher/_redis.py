@@ -9,6 +9,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from importlib import resources
 from typing import Any
 
@@ -24,7 +25,9 @@ from redis.exceptions import (
     ConnectionError,
     MasterDownError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
+    RedisError,
     ResponseError,
     TimeoutError,
     TryAgainError,
@@ -153,12 +156,55 @@ def connect_async(url: str, **extra: Any) -> redis.asyncio.Redis:
 
 
 class NotReplicated(ConnectionError):
-    """``WAIT`` timed out: the publishes ran, but fewer replicas than asked confirmed them, so
-    they may not survive a failover. Sent again with their idempotency keys and these ids."""
+    """``WAIT`` timed out: the publishes were stored and delivered on the primary, but fewer
+    replicas than asked confirmed them, so a failover may lose them. Sent again with their
+    idempotency keys, they return the same ids and wait for the replicas again."""
 
-    def __init__(self, ids: list[str], replicas: int, wanted: int) -> None:
-        super().__init__(f"{replicas} of {wanted} replicas confirmed the publish in time")
+    def __init__(self, ids: list[str], replicas: int, wanted: int, attached: int | None = None):
+        super().__init__(ids, replicas, wanted, attached)
         self.ids = ids
+        self.replicas = replicas
+        self.wanted = wanted
+        self.attached = attached
+        """Replicas attached to the primary when the publish gave up (None: not asked)."""
+
+    def __str__(self) -> str:
+        what = "the event was" if len(self.ids) == 1 else f"{len(self.ids)} events were"
+        attached = "" if self.attached is None else f" ({self.attached} replicas attached)"
+        return (
+            f"{what} stored and delivered with id {', '.join(self.ids)}, but only "
+            f"{self.replicas} of {self.wanted} replicas confirmed it in time{attached}: a "
+            "failover may lose it. Publishing again with the same idempotency key returns the "
+            "same id and waits for the replicas again."
+        )
+
+
+def attached_replicas(info: dict[str, Any]) -> int | None:
+    value = info.get("connected_slaves")
+    return int(value) if value is not None else None
+
+
+class Failure(StrEnum):
+    """Why a publish failed in a way that sending it again cannot fix."""
+
+    TOPIC_CONFLICT = "topic_storage_conflict"
+    """A topic's stream key holds another type: an operator must repair or delete it."""
+    STORAGE_FULL = "storage_full"
+    """Redis refuses writes (``maxmemory`` reached): it needs memory freed, not a retry."""
+    STORAGE_ERROR = "storage_error"
+    """Anything else (a clock the script refuses, a script error): see the raw text."""
+
+
+def permanent_failure(exc: BaseException) -> Failure | None:
+    """What kind of permanent failure ``exc`` is, or None when sending again may succeed."""
+    if is_transient(exc):
+        return None
+    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM"):
+        return Failure.STORAGE_FULL
+    text = str(exc)
+    if text.startswith("WRONGTYPE") and text.endswith("not a stream"):
+        return Failure.TOPIC_CONFLICT
+    return Failure.STORAGE_ERROR
 
 
 def script_call(
@@ -171,7 +217,7 @@ def script_call(
     script_keys = [
         keys.clock,
         keys.origin,
-        keys.idempotency(message.idempotency_key),
+        keys.idempotency(message.idempotency_digest),
         *(keys.stream(t) for t in message.topics),
     ]
     args: list[Any] = [
@@ -277,12 +323,21 @@ class RedisTransport:
             except (*TRANSIENT_ERRORS, ResponseError) as exc:
                 delay = backoff.next_delay() if is_transient(exc) else None
                 if delay is None:
+                    if isinstance(exc, NotReplicated):
+                        exc.attached = self._attached()
                     raise
                 if isinstance(exc, NotReplicated):
                     priors = exc.ids
                 # Reconnect for the retry: under Sentinel that asks where the primary is now.
                 self.client.connection_pool.disconnect(inuse_connections=False)
                 self.sleep(delay)
+
+    def _attached(self) -> int | None:
+        """How many replicas the primary has now, for the error message (None if unknown)."""
+        try:
+            return attached_replicas(self.client.info("replication"))
+        except (RedisError, OSError):
+            return None
 
     def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
         results, confirmed = self.replication.split(self._run(messages, priors))
@@ -340,11 +395,19 @@ class AsyncRedisTransport:
             except (*TRANSIENT_ERRORS, ResponseError) as exc:
                 delay = backoff.next_delay() if is_transient(exc) else None
                 if delay is None:
+                    if isinstance(exc, NotReplicated):
+                        exc.attached = await self._attached()
                     raise
                 if isinstance(exc, NotReplicated):
                     priors = exc.ids
                 await self.client.connection_pool.disconnect(inuse_connections=False)
                 await asyncio.sleep(delay)
+
+    async def _attached(self) -> int | None:
+        try:
+            return attached_replicas(await self.client.info("replication"))
+        except (RedisError, OSError):
+            return None
 
     async def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
         results, confirmed = self.replication.split(await self._run(messages, priors))

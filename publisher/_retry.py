@@ -13,6 +13,10 @@ class Backoff:
         self.deadline = time.monotonic() + retry_for
         self.delay = 0.05
 
+    def left(self) -> float:
+        """Seconds until the deadline."""
+        return max(0.0, self.deadline - time.monotonic())
+
     def next_delay(self) -> float | None:
         """Seconds to wait before the next attempt, or None when time is up."""
         left = self.deadline - time.monotonic()

@@ -7,8 +7,12 @@ integer that orders exactly like the id.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+
+import orjson
 
 DEFAULT_PREFIX = "sse"
 DEFAULT_MAX_EVENTS = 2000
@@ -68,6 +72,15 @@ def id_ms(event_id: str) -> int:
     return parse_id(event_id)[0]
 
 
+def idempotency_digest(scope: str, topics: Iterable[str], key: str) -> str:
+    """What an idempotency key is remembered under: the key alone would let one publisher's
+    key answer for (and reveal) another's. ``scope`` names the publisher (a token subject over
+    HTTP, empty for direct Redis access); the topics are a set, so their order does not
+    matter. Encoded as a JSON array, so no two triples share a digest."""
+    material = orjson.dumps([scope, sorted(set(topics)), key])
+    return hashlib.sha256(material).hexdigest()
+
+
 @dataclass(frozen=True)
 class Keys:
     """Redis key and channel names under one prefix."""
@@ -92,8 +105,9 @@ class Keys:
     def channel_prefix(self) -> str:
         return f"{self.prefix}:c:"
 
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+    def idempotency(self, digest: str) -> str:
+        """Where a publish's id is remembered; ``digest`` is :func:`idempotency_digest`."""
+        return f"{self.prefix}:idem:{digest}"
 
     def probe(self, node: str) -> str:
         """A channel only one gateway node listens on, to test its own pub/sub link."""

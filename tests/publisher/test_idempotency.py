@@ -18,6 +18,7 @@ import redis.exceptions
 
 from publisher import AsyncPublisher, Publisher
 from publisher._redis import sentinel_target
+from publisher._schema import Keys, idempotency_digest
 from tests.conftest import Node
 from tests.support.redis_server import RedisServer
 from tests.support.sse import collect, open_stream
@@ -53,7 +54,8 @@ def test_the_same_key_twice_returns_the_first_id_and_stores_one_entry(
 def test_a_retry_is_recognised_by_its_key_alone(
     publisher: Publisher, redis_client: redis.Redis, prefix: str
 ) -> None:
-    """What a retry carries besides its key does not matter: the key names the publish."""
+    """What a retry carries besides its key and topics does not matter: the key names the
+    publish (among this publisher's publishes to these topics)."""
     first = publisher.publish("orders", "shipped", idempotency_key="k-17")
     again = publisher.publish("orders", "something else", "other", idempotency_key="k-17")
 
@@ -96,11 +98,12 @@ def test_a_key_is_forgotten_after_the_idempotency_ttl(
 ) -> None:
     with Publisher.from_url(redis_url, prefix=prefix, idempotency_ttl=0.5) as pub:
         first = pub.publish("orders", "once", idempotency_key="short-lived")
-        remembered = redis_client.pttl(f"{prefix}:idem:short-lived")
+        name = Keys(prefix).idempotency(idempotency_digest("", ["orders"], "short-lived"))
+        remembered = redis_client.pttl(name)
         assert 0 < remembered <= 500
 
         deadline = time.monotonic() + 5
-        while redis_client.exists(f"{prefix}:idem:short-lived"):
+        while redis_client.exists(name):
             assert time.monotonic() < deadline, "the idempotency key never expired"
             time.sleep(0.05)
         later = pub.publish("orders", "once", idempotency_key="short-lived")
