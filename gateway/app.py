@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -27,10 +28,18 @@ from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub
 from gateway.limits import RequestSizeLimits
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.publishing import (
+    PublishFailed,
+    PublishRate,
+    failed_answer,
+    idempotency_scope,
+    not_replicated_answer,
+)
 from gateway.stream import EventStream
 from publisher import Message, Retention, make_message
 from publisher._frames import check_field
 from publisher._message import check_idempotency_key
+from publisher._redis import NotReplicated
 from publisher._schema import check_topic
 
 log = logging.getLogger("gateway")
@@ -142,6 +151,7 @@ class Gateway:
         self.stream = EventStream(
             settings, self.engine, self.hub, self.metrics, self.authorizer, self.cors
         )
+        self.publish_rate = PublishRate(settings.publish_rate)
 
     @property
     def draining(self) -> bool:
@@ -199,12 +209,16 @@ class Gateway:
             await self.authorizer.close()
 
     async def publish(self, request: Request) -> Response:
+        """Idempotency keys are scoped to the caller (see ``idempotency_scope``); failures
+        are answered without internals and logged with them."""
         try:
             identity = await self._publisher_identity(request)
+            self.publish_rate.check(identity, request.client.host if request.client else None)
             raw = await self._read_body(request)
             message = parse_publish_body(raw, self.settings.max_topics)
             if self.authorizer.enabled:
                 self.authorizer.check_publish(identity, message.topics)
+            message = dataclasses.replace(message, scope=idempotency_scope(identity))
             event_id = await self.engine.publish(message)
         except ClientDisconnect:
             return Response(status_code=400)
@@ -213,7 +227,14 @@ class Gateway:
             return exc.response()
         except EngineUnavailable as exc:
             log.warning("publish failed: %s", exc)
-            return HTTPError(503, "engine_unavailable", str(exc), {"retry-after": "1"}).response()
+            return HTTPError(
+                503, "engine_unavailable", "the event store is unavailable; retry later",
+                {"retry-after": "1"},
+            ).response()  # fmt: skip
+        except PublishFailed as exc:
+            return failed_answer(exc).response()
+        except NotReplicated as exc:
+            return not_replicated_answer(exc).response()
         self.metrics.published.inc()
         return JSONResponse({"id": event_id})
 

@@ -56,6 +56,18 @@ class MemoryEngine(Engine):
             self._origin = key
         return key_to_id(key)
 
+    def _forget_quiet(self, now_key: int) -> None:
+        """Drop the histories whose newest entry is past the retention age (the Redis engine's
+        streams expire then): memory stays bounded however many topics come and go."""
+        if not self.retention.max_age:
+            return
+        oldest = now_key - (int(self.retention.max_age * 1000) << 64)
+        while self._histories:
+            topic, history = next(iter(self._histories.items()))
+            if history.entries and history.entries[-1].key >= oldest:
+                return
+            del self._histories[topic]
+
     def _trim(self, history: _History, now_key: int) -> None:
         entries = self.retention.max_events
         oldest = now_key - (int(self.retention.max_age * 1000) << 64)
@@ -66,20 +78,24 @@ class MemoryEngine(Engine):
             history.max_deleted = history.entries.popleft().key
 
     async def publish(self, message: Message) -> str:
+        """As the publish script: a key is remembered per scope and topic set (see
+        ``idempotency_digest``), and a topic left quiet for the retention age is forgotten."""
         now = time.monotonic()
         while self._published and next(iter(self._published.values()))[1] <= now:
             self._published.popitem(last=False)
-        if seen := self._published.get(message.idempotency_key):
+        digest = message.idempotency_digest
+        if seen := self._published.get(digest):
             return seen[0]
         event_id = self._next_id()
-        self._published[message.idempotency_key] = (event_id, now + self.idempotency_ttl)
+        self._published[digest] = (event_id, now + self.idempotency_ttl)
         frame = Frame.from_body(event_id, message.body)
         for topic in message.topics:
-            history = self._histories.get(topic)
-            if history is None:
-                history = self._histories[topic] = _History()
+            # Re-inserted, so the histories stay ordered by their last publish.
+            history = self._histories.pop(topic, None) or _History()
+            self._histories[topic] = history
             history.entries.append(frame)
             self._trim(history, frame.key)
+        self._forget_quiet(frame.key)
         for topic in message.topics:
             if topic in self._subscribed:
                 self.on_frame(topic, frame)

@@ -32,8 +32,15 @@ from gateway.engines.base import (
     check_history,
     merge_unique,
 )
+from gateway.publishing import PublishFailed
 from publisher import Message, Retention
-from publisher._redis import AsyncRedisTransport, connect_async, sentinel_target
+from publisher._redis import (
+    AsyncRedisTransport,
+    NotReplicated,
+    connect_async,
+    permanent_failure,
+    sentinel_target,
+)
 from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 
 log = logging.getLogger("gateway.engine")
@@ -419,8 +426,16 @@ class RedisEngine(Engine):
         return runs, reset, clock_key or 0
 
     async def publish(self, message: Message) -> str:
+        """Transient errors (after the transport's retries) are ``EngineUnavailable``; what
+        no retry can fix is ``PublishFailed``; ``NotReplicated`` passes through (the event
+        is stored and delivered)."""
         try:
             async with self._slots:
                 return (await self.transport.send([message]))[0]
+        except NotReplicated:
+            raise
         except (RedisError, OSError) as exc:
+            failure = permanent_failure(exc)
+            if failure is not None:
+                raise PublishFailed(failure, str(exc)) from None
             raise EngineUnavailable(f"publish failed: {exc}") from None

@@ -194,6 +194,8 @@ def test_an_unconfirmed_publish_is_retried_with_its_first_id(
 def test_the_gateway_answers_a_publish_once_the_replicas_asked_for_hold_it(
     primary: RedisServer, prefix: str
 ) -> None:
+    """Issue 10 D: ``wait_replicas`` with no replicas. The 503 says that the event was stored
+    and delivered, with its id, and a retry with the same key returns that id."""
     node = GatewayProcess(
         "--prefix", prefix, "--publish-replicas", "1", redis_url=primary.url
     ).start()
@@ -201,13 +203,19 @@ def test_the_gateway_answers_a_publish_once_the_replicas_asked_for_hold_it(
         body = {"topic": "orders", "data": "x", "idempotency_key": "order-9"}
         refused = httpx.post(node.url + "/publish", json=body, timeout=10)
         assert refused.status_code == 503
-        assert refused.json()["error"] == "engine_unavailable"
+        assert refused.headers["retry-after"]
+        assert refused.json()["error"] == "not_replicated"
+        stored = refused.json()["id"]
+        assert stored in refused.json()["message"]
+        assert "stored and delivered" in refused.json()["message"]
+        assert _entries(primary, prefix, "orders") == [stored]
 
         replica = _replica_of(primary)
         try:
             accepted = httpx.post(node.url + "/publish", json=body, timeout=10)
             assert accepted.status_code == 200
-            assert _entries(replica, prefix, "orders") == [accepted.json()["id"]]
+            assert accepted.json()["id"] == stored, "the retry is the same event"
+            assert _entries(replica, prefix, "orders") == [stored]
         finally:
             replica.close()
     finally:
