@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import math
 import random
@@ -28,6 +27,13 @@ from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub
 from gateway.limits import RequestSizeLimits
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
+from gateway.origins import (
+    check_publish_request,
+    guards_host,
+    host_not_allowed,
+    is_loopback_address,
+    is_loopback_client,
+)
 from gateway.publishing import (
     PublishFailed,
     PublishRate,
@@ -75,16 +81,7 @@ def describe_engine(settings: Settings) -> str:
     )
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
+_is_loopback = is_loopback_address
 
 
 def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
@@ -158,14 +155,20 @@ class Gateway:
         return not self.stream.accepting
 
     def begin_shutdown(self) -> None:
-        """Refuse new streams and end the open ones (each browser reconnects elsewhere)."""
+        """Refuse new streams (with a refusal browsers retry) and end the open ones."""
         self.stream.accepting = False
         self.hub.close_all("shutdown")
 
     async def drain(self, seconds: float) -> None:
         """Refuse new streams at once (``/readyz`` turns 503), then end the open ones spread
         over ``seconds``, each told a jittered ``retry:``, so their reconnects do not land on
-        the other nodes all at once."""
+        the other nodes all at once.
+
+        The node keeps listening meanwhile: a balancer that has not yet seen the readiness
+        change still sends it browsers, and each gets ``event: refused`` (``draining``) in a
+        200 stream with a jittered ``retry:``, which ``EventSource`` retries through the
+        balancer. A closed port would instead be an error page from many balancers, which
+        ends an ``EventSource`` for good."""
         self.stream.accepting = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
@@ -240,15 +243,16 @@ class Gateway:
 
     async def _publisher_identity(self, request: Request) -> Identity:
         """Token mode: a Bearer token (never a query or cookie token, which a cross-site form
-        could send). Without keys: loopback clients only, unless --allow-remote-publish."""
+        could send). Without keys: loopback clients only, by the TCP peer and the forwarded
+        address both, unless --allow-remote-publish. In either mode, never a cross-site
+        browser request (see ``gateway.origins``)."""
+        check_publish_request(request.scope, self.cors)
         if self.authorizer.enabled:
             token = bearer_token(request.scope["headers"])
             if token is None:
                 raise token_required()
             return await self.authorizer.identify(token)
-        if not self.settings.allow_remote_publish and not _is_loopback(
-            request.client.host if request.client else None
-        ):
+        if not self.settings.allow_remote_publish and not is_loopback_client(request.scope):
             raise HTTPError(
                 403,
                 "forbidden",
@@ -276,11 +280,15 @@ class Gateway:
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
+        """503 while draining or while the engine cannot serve streams; either way the body
+        names the engine's state (Redis: ``link``, ``redis``, ``publish``)."""
         if self.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if not await self.engine.ready():
-            return JSONResponse({"status": "engine unavailable"}, status_code=503)
-        return JSONResponse({"status": "ready", "engine": self.engine.name})
+        health = await self.engine.health()
+        body = {"engine": self.engine.name, **health.detail}
+        if not health.ready:
+            return JSONResponse({"status": "engine unavailable", **body}, status_code=503)
+        return JSONResponse({"status": "ready", **body})
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -299,7 +307,7 @@ class Gateway:
         )
         app.state.gateway = self
         routes_app = CorsMiddleware(RequestSizeLimits(app, self.settings), self.cors)
-        return StreamRouter(self.stream, routes_app, self.cors)
+        return StreamRouter(self.stream, routes_app, self.cors, guards_host(self.settings))
 
 
 class StreamRouter:
@@ -308,13 +316,20 @@ class StreamRouter:
     The stream must see the server's own ``send``: Starlette's middleware wraps it, which
     costs a call per write and hides the transport that a slow consumer's abort needs."""
 
-    def __init__(self, stream: ASGIApp, app: ASGIApp, cors: CorsPolicy) -> None:
+    def __init__(
+        self, stream: ASGIApp, app: ASGIApp, cors: CorsPolicy, guard_host: bool = False
+    ) -> None:
         self.stream = stream
         self.app = app
         self.cors = cors
+        self.guard_host = guard_host
+        """Anonymous on loopback: refuse non-loopback ``Host`` names (DNS rebinding)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self.guard_host and (refusal := host_not_allowed(scope)) is not None:
+                await refusal(scope, receive, send)
+                return
             if self.cors.enabled and self.cors.is_preflight(scope):
                 await self.cors.preflight(scope, receive, send)
                 return

@@ -33,6 +33,10 @@ class CorsPolicy:
         self.origins = frozenset(o.encode("latin-1") for o in origins if o != "*")
         self.enabled = bool(origins)
 
+    def allows(self, origin: bytes) -> bool:
+        """Pages of this origin may use the gateway (``--cors-origin``, or ``*``)."""
+        return self.any_origin or origin in self.origins
+
     def headers_for(self, scope: Scope) -> Headers:
         """The CORS headers a response to this request carries (none for other origins)."""
         if not self.enabled:

@@ -283,7 +283,9 @@ def test_without_cors_origin_there_are_no_cors_headers(no_cors: httpx.Client) ->
     assert_no_cors(no_cors.get("/healthz", headers={"origin": APP}).headers)
     published = no_cors.post("/publish", json={"topic": "room:1", "data": 1},
                              headers={"origin": APP})  # fmt: skip
-    assert published.status_code == 200
+    # issue 10 E: an origin that is neither the gateway's own nor listed may not publish
+    assert published.status_code == 403
+    assert published.json()["error"] == "origin_not_allowed"
     assert_no_cors(published.headers)
     for path, method in (("/events", "GET"), ("/publish", "POST")):
         response = preflight(no_cors, path, APP, method, "authorization, last-event-id")
