@@ -1,7 +1,8 @@
 """Scenario 11 (issue 10 D, blackhole): the network between the nodes and Redis goes black
 for 10 s. Every byte is dropped both ways and nothing is closed: the open connections go
 silent, and new ones connect but never get a reply. Then new connections pass again, while
-the ones that went black stay black. Publishers reach Redis directly and keep publishing.
+the ones that went black stay black. Publishers reach Redis directly and keep publishing, and
+more clients arrive in the dark.
 
 Each node must recover by itself, because every Redis wait (connect, handshake, subscribe,
 reads) has a time limit: a new pub/sub link, /readyz 200 again, and everything acknowledged
@@ -54,10 +55,15 @@ def test_nodes_recover_by_themselves_after_a_blackholed_network(chaos: Chaos) ->
     time.sleep(2)
     assert proxy.live_pubsub_links() == len(nodes)
     assert proxy.blackhole() >= len(nodes)
-    time.sleep(BLACKHOLE)  # the fault itself lasts this long
+    began = time.monotonic()
+    time.sleep(BLACKHOLE / 3)
+    # Clients that arrive in the dark: refused or held, never stranded.
+    late = chaos.clients(lb.port, spread_topics(TOPICS, 10), name="late")
+    time.sleep(BLACKHOLE - (time.monotonic() - began))  # the fault itself lasts this long
     proxy.restore()
     back = time.monotonic()
     during = Ledger([publisher])
+    clients = clients + late
 
     problems = []
     try:
