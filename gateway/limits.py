@@ -63,17 +63,22 @@ def rate_limited(what: str, seconds: float) -> HTTPError:
 
 
 class Admission:
-    """Counts open streams and paces new ones; every refusal is an ``HTTPError``."""
+    """Counts open streams and paces new ones; every refusal is an ``HTTPError`` (429 or 503:
+    temporary, so the stream answers a browser with a refusal it retries by itself).
+
+    The address is ``scope["client"]``: the peer, or the ``X-Forwarded-For`` address when the
+    peer is a proxy uvicorn trusts (``FORWARDED_ALLOW_IPS``). Per-address limits are off by
+    default, because behind a balancer that does not forward it one address is every client."""
 
     def __init__(self, settings: Settings) -> None:
         self.max_connections = settings.max_connections
         self.max_per_subject = settings.max_connections_per_subject
+        self.max_per_address = settings.max_connections_per_address
         self.open = 0
         self.by_subject: dict[str, int] = {}
-        rate = settings.connect_rate
-        burst = max(1, math.ceil(2 * rate))
-        self.by_address = RateLimiter(rate, burst) if rate > 0 else None
-        self.by_subject_rate = RateLimiter(rate, burst) if rate > 0 else None
+        self.by_address_open: dict[str, int] = {}
+        self.by_address = _limiter(settings.connect_rate_per_address)
+        self.by_subject_rate = _limiter(settings.connect_rate)
 
     def check_node(self) -> None:
         if self.max_connections and self.open >= self.max_connections:
@@ -83,7 +88,15 @@ class Admission:
             )  # fmt: skip
 
     def check_address(self, address: str | None) -> None:
-        if self.by_address is not None and address:
+        if not address:
+            return
+        if self.max_per_address and self.by_address_open.get(address, 0) >= self.max_per_address:
+            raise HTTPError(
+                429, "too_many_address_connections",
+                f"this address has {self.max_per_address} open streams already",
+                _retry_after(5),
+            )  # fmt: skip
+        if self.by_address is not None:
             wait = self.by_address.acquire(address)
             if wait:
                 raise rate_limited("address", wait)
@@ -102,19 +115,31 @@ class Admission:
             if wait:
                 raise rate_limited("subject", wait)
 
-    def opened(self, subject: str | None) -> None:
+    def opened(self, subject: str | None, address: str | None = None) -> None:
         self.open += 1
         if subject is not None:
             self.by_subject[subject] = self.by_subject.get(subject, 0) + 1
+        if address and self.max_per_address:
+            self.by_address_open[address] = self.by_address_open.get(address, 0) + 1
 
-    def closed(self, subject: str | None) -> None:
+    def closed(self, subject: str | None, address: str | None = None) -> None:
         self.open -= 1
         if subject is not None:
-            left = self.by_subject[subject] - 1
-            if left:
-                self.by_subject[subject] = left
-            else:
-                del self.by_subject[subject]
+            _decrement(self.by_subject, subject)
+        if address and self.max_per_address:
+            _decrement(self.by_address_open, address)
+
+
+def _limiter(rate: float) -> RateLimiter | None:
+    return RateLimiter(rate, max(1, math.ceil(2 * rate))) if rate > 0 else None
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def check_sizes(scope: Scope, settings: Settings) -> None:

@@ -22,7 +22,16 @@ class Metrics:
             "sse_disconnects", "SSE streams closed, by reason", ["reason"], registry=r
         )
         self.rejected = Counter(
-            "sse_requests_rejected", "Requests refused, by status code", ["status"], registry=r
+            "sse_requests_rejected",
+            "Requests answered with an error status, by status code",
+            ["status"],
+            registry=r,
+        )
+        self.refused = Counter(
+            "sse_streams_refused",
+            "Temporary refusals of GET /events (however answered), by reason",
+            ["reason"],
+            registry=r,
         )
         self.frames = Counter("sse_live_frames", "Live frames received by this node", registry=r)
         self.delivered = Counter(

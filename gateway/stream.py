@@ -24,7 +24,7 @@ from gateway.auth import (
     cookie_token,
 )
 from gateway.config import Settings
-from gateway.cors import CorsPolicy
+from gateway.cors import CorsPolicy, Headers
 from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import SHED_REASONS, Hub, Subscriber, Transport
@@ -38,6 +38,7 @@ log = logging.getLogger("gateway.stream")
 MAX_QUERY_FIELDS = 256
 KEEPALIVE_PROBES = 3
 MAX_SINCE_MS = 1 << 53
+ENGINE_UNAVAILABLE = "the event store cannot be reached; retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,17 @@ STREAM_HEADERS = [
     (b"cache-control", b"no-store"),
     (b"x-accel-buffering", b"no"),
 ]
+REFUSAL_HEADERS = [*STREAM_HEADERS, (b"connection", b"close")]
+"""A refusal closes its connection, so the retry goes through the balancer's choice again."""
+TEMPORARY = frozenset({429, 503})
+
+
+def wants_event_stream(scope: Scope) -> bool:
+    """Whether the client asked for ``text/event-stream`` (as ``EventSource`` always does)."""
+    return any(
+        name == b"accept" and b"text/event-stream" in value.lower()
+        for name, value in scope["headers"]
+    )
 
 
 def reset_frame(replay: Replay) -> bytes:
@@ -167,12 +179,11 @@ class EventStream:
             self.admission.check_subject(identity.subject)
             self.admission.check_node()  # again: verifying may have waited for the JWKS
         except HTTPError as exc:
-            self.metrics.rejected.labels(str(exc.status)).inc()
-            exc.headers.update((k.decode(), v.decode("latin-1")) for k, v in cors_headers)
-            await exc(scope, receive, send)
+            await self._refuse(exc, scope, receive, send, cors_headers)
             return
+        address = client[0] if client else None
         headers = STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS
-        self.admission.opened(identity.subject)
+        self.admission.opened(identity.subject, address)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             if scope["method"] == "HEAD":
@@ -180,7 +191,44 @@ class EventStream:
                 return
             await self._serve(request, identity, receive, send)
         finally:
-            self.admission.closed(identity.subject)
+            self.admission.closed(identity.subject, address)
+
+    async def _refuse(
+        self, exc: HTTPError, scope: Scope, receive: Receive, send: Send, cors: Headers
+    ) -> None:
+        """A temporary refusal (429, 503) reaches an ``EventSource`` as a finished 200 event
+        stream, which it retries by itself after the ``retry:`` delay: any other answer would
+        end it for good. Other clients, and permanent refusals, get the status and JSON."""
+        if exc.status in TEMPORARY:
+            if scope["method"] == "GET" and wants_event_stream(scope):
+                rate_limited = exc.error == "rate_limited"
+                wait = float(exc.headers.get("retry-after", 0)) if rate_limited else 0.0
+                body = self.refusal(exc.error, exc.message, wait)
+                length = (b"content-length", str(len(body)).encode())
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.settings.send_timeout):
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": 200,
+                                "headers": [*REFUSAL_HEADERS, length, *cors],
+                            }
+                        )
+                        await send({"type": "http.response.body", "body": body})
+                return
+            self.metrics.refused.labels(exc.error).inc()
+        self.metrics.rejected.labels(str(exc.status)).inc()
+        exc.headers.update((k.decode(), v.decode("latin-1")) for k, v in cors)
+        await exc(scope, receive, send)
+
+    def refusal(self, reason: str, message: str, wait: float = 0.0) -> bytes:
+        """Count a refusal and frame it: a jittered ``retry:``, a comment and ``event: refused``
+        naming the reason. It carries no ``id:``, so the client's position does not move."""
+        self.metrics.refused.labels(reason).inc()
+        base = max(self.settings.retry_ms, wait * 1000)
+        delay = max(100, int(base * (0.5 + random.random())))
+        data = {"reason": reason, "message": message, "retry_ms": delay}
+        return retry(delay) + comment(f"refused: {reason}") + event(data, "refused")
 
     def _token(self, scope: Scope, request: StreamRequest) -> str | None:
         if not self.authorizer.enabled:
@@ -256,7 +304,7 @@ class EventStream:
             log.warning("stream refused: %s", exc)
             sub.close("engine_unavailable")
             with contextlib.suppress(TimeoutError):
-                await self._send(send, comment("engine unavailable, retry later"))
+                await self._send(send, self.refusal("engine_unavailable", ENGINE_UNAVAILABLE))
                 await self._finish(send)
             return
         try:

@@ -240,5 +240,6 @@ def test_a_stream_requested_while_redis_is_down_ends_promptly(
 
     stream = asyncio.run(scenario())
     assert stream.closed_by_server
-    assert stream.events == []
+    assert [e.event for e in stream.events] == ["refused"]  # a refusal without an id
+    assert stream.parser.last_id == ""
     assert _status(gateway.url + "/healthz") == 200

@@ -249,7 +249,7 @@ def assert_burst_then_rate_limited(statuses: list[int], refusal: Outcome, elapse
 def test_connect_rate_limits_one_address_and_not_the_others(
     gateway_factory: GatewayFactory,
 ) -> None:
-    url = gateway_factory("--connect-rate", "2").url
+    url = gateway_factory("--connect-rate-per-address", "2").url
 
     async def scenario() -> None:
         async with from_address("127.0.0.1") as hasty, from_address("127.0.0.2") as calm:

@@ -157,7 +157,7 @@ def subscribe(
     cookie: str = "sse_token",
 ) -> httpx.Response:
     """``GET /events`` for ``topics`` with ``token`` sent ``via`` one source. A 200 stream is
-    closed as soon as its headers arrive; any other response is read whole."""
+    closed as soon as its headers arrive; any other response (a refusal too) is read whole."""
     params = [("topic", topic) for topic in topics]
     headers: dict[str, str | bytes] = {"accept": "text/event-stream"}
     if token is not None:
@@ -168,8 +168,8 @@ def subscribe(
         else:
             headers["cookie"] = f"{cookie}=".encode() + token.encode("utf-8")
     with client.stream("GET", "/events", params=params, headers=headers) as response:
-        if response.status_code != 200:
-            response.read()
+        if response.status_code != 200 or "content-length" in response.headers:
+            response.read()  # an error, or a finished stream: a refusal the client retries
     return response
 
 
