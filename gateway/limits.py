@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -90,6 +91,7 @@ class Admission:
     def check_address(self, address: str | None) -> None:
         if not address:
             return
+        address = address_key(address)
         if self.max_per_address and self.by_address_open.get(address, 0) >= self.max_per_address:
             raise HTTPError(
                 429, "too_many_address_connections",
@@ -120,6 +122,7 @@ class Admission:
         if subject is not None:
             self.by_subject[subject] = self.by_subject.get(subject, 0) + 1
         if address and self.max_per_address:
+            address = address_key(address)
             self.by_address_open[address] = self.by_address_open.get(address, 0) + 1
 
     def closed(self, subject: str | None, address: str | None = None) -> None:
@@ -127,7 +130,21 @@ class Admission:
         if subject is not None:
             _decrement(self.by_subject, subject)
         if address and self.max_per_address:
-            _decrement(self.by_address_open, address)
+            _decrement(self.by_address_open, address_key(address))
+
+
+def address_key(address: str) -> str:
+    """What the per-address limits count: an IPv6 client by its /64, which one host or one
+    home usually holds whole (so it cannot dodge them by changing address within it)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address)
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
 def _limiter(rate: float) -> RateLimiter | None:

@@ -20,6 +20,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from gateway.config import Settings
+from gateway.errors import HTTPError
+from gateway.limits import Admission
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
@@ -161,6 +164,22 @@ def test_per_address_limits_key_on_the_address_a_trusted_proxy_forwards(
         assert_error(plain(http, **other), 429, "rate_limited")
     reason = "too_many_address_connections"
     assert metric(gateway, "sse_streams_refused_total", reason=reason) == 2
+
+
+def test_the_per_address_cap_counts_an_ipv6_client_by_its_64() -> None:
+    """Issue 10 E: one host cannot take every slot by changing address within its /64."""
+    admission = Admission(Settings(max_connections_per_address=1))
+    first, same_64, other_64 = "2001:db8:1:2::1", "2001:db8:1:2:ffff::2", "2001:db8:1:3::1"
+    admission.check_address(first)
+    admission.opened(None, first)
+    with pytest.raises(HTTPError) as refusal:
+        admission.check_address(same_64)
+    assert (refusal.value.status, refusal.value.error) == (429, "too_many_address_connections")
+    admission.check_address(other_64)
+    admission.check_address("::ffff:192.0.2.1")  # an IPv4 client seen through IPv6
+    admission.closed(None, first)
+    admission.check_address(same_64)
+    assert admission.by_address_open == {}
 
 
 def test_by_default_one_address_is_not_limited_as_a_balancer_may_be_every_client(
