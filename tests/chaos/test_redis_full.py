@@ -99,6 +99,7 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
             json={"topic": TOPICS[0], "data": {"tag": "http-full"}},
             timeout=10,
         )
+        readiness = httpx.get(nodes[0].url + "/readyz", timeout=5)
         wait_until(lambda: time.monotonic() - full_at >= FULL_FOR, FULL_FOR, "the fault to end")
         still_full = _oom(admin, f"{chaos.prefix}:oom-check")
         ended = [c.describe() for c, n in zip(clients, closes, strict=True) if c.server_closes > n]
@@ -113,7 +114,9 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
     print(
         summary(clients, ledger),
         f"replays while full: {replayed:.1f}s; {refused} publishes refused; "
-        f"HTTP publish: {http.status_code} {http.text[:200]}",
+        f"HTTP publish: {http.status_code} {http.text[:200]}; "
+        f"direct publish: {publisher.failed[0][2][:200]}; "
+        f"/readyz while full: {readiness.status_code} {readiness.text[:200]}",
     )
     assert still_full, "Redis accepted writes before the end of the fault: the test proves less"
     assert not problems, "\n".join(problems)
