@@ -56,6 +56,7 @@ class Subscriber:
         "direct",
         "dirty",
         "held",
+        "held_dropped",
         "last_key",
         "last_write",
         "max_pending",
@@ -79,6 +80,9 @@ class Subscriber:
         self.chunks: list[bytes] = []
         self.pending_bytes = 0
         self.held: list[Frame] | None = []
+        self.held_dropped = False
+        """More live frames arrived during the replay than the budget allows: they were
+        dropped, and the replay reads on to a newer clock instead (see :meth:`hold_again`)."""
         self.wake = asyncio.Event()
         self.closed = False
         self.reason = ""
@@ -101,8 +105,7 @@ class Subscriber:
         if self.closed:
             return False
         if self.held is not None:
-            self.held.append(frame)
-            self._grow(len(frame.data))
+            self._hold(frame)
             return False
         if frame.key <= self.last_key:
             return False
@@ -141,6 +144,26 @@ class Subscriber:
         else:
             transport.write(data)
             self.last_write = now
+
+    def _hold(self, frame: Frame) -> None:
+        """Keep a live frame until the replay is sent, within ``max_pending`` bytes; past that,
+        drop them all: each is in history, where the replay will read it."""
+        assert self.held is not None
+        self.pending_bytes += len(frame.data)
+        if self.pending_bytes > self.max_pending:
+            self.held.clear()
+            self.pending_bytes = 0
+            self.held_dropped = True
+        elif not self.held_dropped:
+            self.held.append(frame)
+
+    def hold_again(self) -> None:
+        """Start holding afresh, before the replay reads a newer clock: every frame above it
+        is then held (or the replay reads on again)."""
+        if self.held is not None:
+            self.held.clear()
+        self.pending_bytes = 0
+        self.held_dropped = False
 
     def _grow(self, size: int) -> None:
         self.pending_bytes += size

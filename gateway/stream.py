@@ -25,7 +25,15 @@ from gateway.auth import (
 )
 from gateway.config import Settings
 from gateway.cors import CorsPolicy, Headers
-from gateway.engines.base import Engine, EngineUnavailable, Position, PositionKind, Replay
+from gateway.engines.base import (
+    Engine,
+    EngineUnavailable,
+    HistoryBroken,
+    InvalidStore,
+    Position,
+    PositionKind,
+    Replay,
+)
 from gateway.errors import HTTPError, bad_request
 from gateway.hub import SHED_REASONS, Hub, Subscriber, Transport
 from gateway.limits import Admission, check_sizes
@@ -39,6 +47,7 @@ MAX_QUERY_FIELDS = 256
 KEEPALIVE_PROBES = 3
 MAX_SINCE_MS = 1 << 53
 ENGINE_UNAVAILABLE = "the event store cannot be reached; retry later"
+INVALID_STORE = "the event store holds data this node cannot read; retry later"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +92,10 @@ def parse_stream_request(scope: Scope, max_topics: int = 64) -> StreamRequest:
     for name, value in scope["headers"]:
         if name == b"last-event-id":
             header_id = value.decode("latin-1")
-    last_id = header_id or (query.get("lastEventID") or [""])[-1]
+    # ``lastEventId`` is how JavaScript spells it (``event.lastEventId``): both are accepted.
+    # Other unknown parameters are ignored, so cache-busters such as ``_=123`` keep working.
+    query_id = (query.get("lastEventID") or query.get("lastEventId") or [""])[-1]
+    last_id = header_id or query_id
     position = None
     if last_id:
         try:
@@ -94,7 +106,10 @@ def parse_stream_request(scope: Scope, max_topics: int = 64) -> StreamRequest:
                 f"Last-Event-ID {last_id[:100]!r} is not an event id (<ms>-<seq>)",
             ) from None
     elif since := (query.get("since") or [""])[-1]:
-        if not since.isascii() or not since.isdigit() or int(since) > MAX_SINCE_MS:
+        # the length first: int() refuses more than 4300 digits with a ValueError
+        if not (since.isascii() and since.isdigit() and len(since) <= 16) or (
+            int(since) > MAX_SINCE_MS
+        ):
             raise bad_request(
                 "invalid_since", f"since {since[:100]!r} must be a time in epoch milliseconds"
             )
@@ -129,12 +144,12 @@ def wants_event_stream(scope: Scope) -> bool:
     )
 
 
-def reset_frame(replay: Replay) -> bytes:
-    """``event: reset``; it carries the clock as its id when nothing follows it, so a client
-    that reconnects afterwards is not told again about the same loss."""
+def reset_frame(replay: Replay, followed: bool) -> bytes:
+    """``event: reset``; it carries the clock as its id when no replayed event follows it, so a
+    client that reconnects afterwards is not told again about the same loss."""
     assert replay.reset is not None
     data = {"reason": replay.reset.reason.value, "topics": list(replay.reset.topics)}
-    event_id = None if replay.frames else key_to_id(replay.clock)
+    event_id = None if followed else key_to_id(replay.clock)
     return event(orjson.dumps(data).decode(), "reset", event_id)
 
 
@@ -300,47 +315,93 @@ class EventStream:
         try:
             await self.hub.attach(sub)
             replay = await self.engine.replay(request.topics, request.position)
-        except EngineUnavailable as exc:
-            log.warning("stream refused: %s", exc)
-            sub.close("engine_unavailable")
-            with contextlib.suppress(TimeoutError):
-                await self._send(send, self.refusal("engine_unavailable", ENGINE_UNAVAILABLE))
-                await self._finish(send)
-            return
-        try:
             await self._send_replay(sub, request.position, replay, send)
+        except EngineUnavailable as exc:
+            message = INVALID_STORE if isinstance(exc, InvalidStore) else ENGINE_UNAVAILABLE
+            await self._fail(sub, send, "engine_unavailable", message, exc)
+            return
+        except HistoryBroken as exc:
+            message = f"the history of topic {exc.topic!r} cannot be read"
+            await self._fail(sub, send, "history_unreadable", message, exc)
+            return
+        except TimeoutError:
+            sub.close("send_timeout")
+            return
+        if replay.gaps and not sub.closed:
+            # Retention removed events this replay had not read yet: end the stream at the
+            # last event before the gap, so the reconnect (from there) is told ``reset``.
+            log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
+            sub.close("history_lost", self.retry_hint())
+        try:
             await self._write_live(sub, send)
         except TimeoutError:
             sub.close("send_timeout")
 
+    async def _fail(
+        self, sub: Subscriber, send: Send, reason: str, message: str, exc: Exception
+    ) -> None:
+        log.warning("stream refused: %s", exc)
+        sub.close(reason)
+        with contextlib.suppress(TimeoutError):
+            await self._send(send, self.refusal(reason, message))
+            await self._finish(send)
+
     async def _send_replay(
         self, sub: Subscriber, position: Position | None, replay: Replay, send: Send
     ) -> None:
-        chunks = []
+        """Send the replay page by page, each at most ``max_pending_bytes``, waiting for the
+        client to take each before the next is read: memory per stream stays bounded whatever
+        the history. Live frames are held meanwhile; if more arrive than that budget, they are
+        dropped and the replay reads on to the clock of now instead, until it ends with what
+        was held meanwhile intact (then released through the per-client id rule)."""
         # A client that sent an id has everything up to it, unless a reset says otherwise
         # (``since`` only bounds the replay: live events flow whatever their time).
         after = replay.clock if position is None else 0
         if position is not None and position.kind is PositionKind.LAST_EVENT_ID:
             after = position.after_key
+        page = await replay.next_page()
+        chunks = []
+        size = 0
         if replay.reset is not None:
-            chunks.append(reset_frame(replay))
+            chunks.append(reset_frame(replay, bool(page)))
             self.metrics.resets.labels(replay.reset.reason.value).inc()
-            after = 0 if replay.frames else replay.clock
+            after = 0 if page else replay.clock
         types = sub.types
-        sent = 0
-        for frame in replay.frames:
-            after = frame.key
-            if types is None or frame.event in types:
+        budget = self.settings.max_pending_bytes
+        skipped = False
+        while not sub.closed:
+            sent = 0
+            for frame in page:
+                after = frame.key
+                if types is not None and frame.event not in types:
+                    skipped = True
+                    continue
+                skipped = False
                 chunks.append(frame.data)
+                size += len(frame.data)
                 sent += 1
-        if replay.frames and (types is not None and replay.frames[-1].event not in types):
+                if size >= budget:
+                    await self._send(send, b"".join(chunks))
+                    chunks, size = [], 0
+            if chunks:
+                await self._send(send, b"".join(chunks))
+                chunks, size = [], 0
+            if sent:
+                self.metrics.replayed.inc(sent)
+                self.metrics.delivered.inc(sent)
+            if page:
+                page = await replay.next_page()
+            elif sub.held_dropped:
+                sub.hold_again()
+                await replay.extend()
+                page = await replay.next_page()
+            else:
+                break
+        if skipped:
             sub.last_key = after
             chunks.append(sub.position_line())
         if chunks:
             await self._send(send, b"".join(chunks))
-        if sent:
-            self.metrics.replayed.inc(sent)
-            self.metrics.delivered.inc(sent)
         sub.go_live(after)
 
     async def _write_live(self, sub: Subscriber, send: Send) -> None:

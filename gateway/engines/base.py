@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import heapq
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -84,12 +85,202 @@ class Reset:
     topics: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+class HistoryBroken(Exception):
+    """One topic's history cannot be read (a key of another type, malformed entries): only the
+    streams of that topic fail."""
+
+    def __init__(self, topic: str, detail: str) -> None:
+        super().__init__(f"history of topic {topic!r} is unreadable: {detail}")
+        self.topic = topic
+
+
+Entry = tuple[Frame, int]
+"""A retained event and its back-link: the id of the entry before it in the same topic."""
+TopicRead = list[Entry] | HistoryBroken
+
+
+class History(abc.ABC):
+    """What a paged replay reads: the clock, and entries of one topic after an id."""
+
+    @abc.abstractmethod
+    async def head(self) -> tuple[int | None, int | None]:
+        """The newest id issued and the first one ever issued (None when unknown)."""
+
+    @abc.abstractmethod
+    async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
+        """For each ``(topic, after, count)``: up to ``count`` entries with ids above
+        ``after``, in id order, or why that topic cannot be read."""
+
+
+REPLAY_PAGE = 1000
+"""Most entries read from one topic at a time."""
+REPLAY_PAGE_BYTES = 256 * 1024
+"""Bytes aimed for in one round of reads, across topics: what one replay holds at a time."""
+FIRST_ENTRY_GUESS = 1024
+
+
 class Replay:
-    frames: list[Frame]
-    reset: Reset | None
-    clock: int
-    """The newest id issued when the replay was read (0 when none): later ids arrive live."""
+    """The retained events after a position, merged in id order across topics and read page by
+    page, so a replay holds about :data:`REPLAY_PAGE_BYTES` whatever the history.
+
+    Each round reads the next entries of the topics whose pages were used up; it may release
+    only the ids up to the lowest last-read id of the topics not yet exhausted (``bound``), so
+    the merge stays in id order across pages. The back-link (``p``) of every entry is checked
+    against the entry before it: a gap seen in the first round (or before the position) is a
+    ``reset``; a gap seen later (retention trimmed what was not yet read) ends the replay at the
+    last id before it, and :attr:`gaps` names the topic.
+
+    ``limit`` is the clock read when the replay began: later ids arrive live. :meth:`extend`
+    moves it to the clock of now, for a caller that could not keep the live frames meanwhile.
+    """
+
+    def __init__(
+        self,
+        history: History | None,
+        topics: Sequence[str],
+        position: Position | None,
+        *,
+        drop_broken: bool = False,
+        page_bytes: int = REPLAY_PAGE_BYTES,
+    ) -> None:
+        self.history = history
+        self.topics = tuple(topics)
+        self.position = position
+        self.drop_broken = drop_broken
+        """Drop a topic whose history is broken or has a gap and go on with the others
+        (instead of raising :class:`HistoryBroken` / stopping at the gap)."""
+        self.page_bytes = page_bytes
+        self.reset: Reset | None = None
+        self.clock = 0
+        """The newest id when the replay (or its last :meth:`extend`) began; 0 when none."""
+        self.gaps: list[str] = []
+        self.broken: list[HistoryBroken] = []
+        after = position.after_key if position is not None else 0
+        self._last = dict.fromkeys(self.topics, after)
+        """Per topic: the last entry checked against its back-link (the position at first)."""
+        self._buffers: dict[str, deque[Frame]] = {t: deque() for t in self.topics}
+        self._done = dict.fromkeys(self.topics, position is None)
+        self._missing = dict.fromkeys(self.topics, 0)
+        self._emitted = -1
+        self._stop: int | None = None
+        self._opening = False
+        self._bytes = 0
+        self._entries = 0
+
+    async def open(self) -> None:
+        """Read the clock, then (with a position) the first round, and decide the ``reset``."""
+        if self.history is None:
+            return
+        clock, origin = await self.history.head()
+        self.clock = clock or 0
+        if self.position is None:
+            self._last = dict.fromkeys(self.topics, self.clock)  # for extend(): from here on
+            return
+        self._opening = True
+        await self._read_round()
+        self._opening = False
+        self.reset = check_history(self.position, self.topics, clock, origin, self._missing.items())
+
+    async def extend(self) -> None:
+        """Go on reading up to the clock of now (every topic from where it stopped)."""
+        if self.history is None or self._stop is not None:
+            return
+        clock, _ = await self.history.head()
+        if clock is not None and clock > self.clock:
+            self.clock = clock
+            for topic in self._live_topics():
+                self._done[topic] = False
+
+    def _live_topics(self) -> list[str]:
+        gone = set(self.gaps) | {b.topic for b in self.broken}
+        return [t for t in self.topics if t not in gone]
+
+    async def next_page(self) -> list[Frame]:
+        """The next events in id order, each once; empty once everything is sent."""
+        page = [f for f in merge_unique(list((await self.next_runs()).values()))
+                if f.key > self._emitted]  # fmt: skip
+        if page:
+            self._emitted = page[-1].key
+        return page
+
+    async def next_runs(self) -> dict[str, list[Frame]]:
+        """The next events of each topic (each run in id order, every id of a run below every
+        id of the next call's runs); empty once everything up to the clock is read."""
+        while True:
+            runs = self._release()
+            if runs or all(self._done.values()):
+                return runs
+            await self._read_round()
+
+    async def _read_round(self) -> None:
+        assert self.history is not None
+        wanted = [t for t in self.topics if not self._done[t] and not self._buffers[t]]
+        if not wanted:
+            return
+        size = self._bytes / self._entries if self._entries else FIRST_ENTRY_GUESS
+        count = max(1, min(REPLAY_PAGE, int(self.page_bytes / size / len(wanted))))
+        results = await self.history.read([(t, self._last[t], count) for t in wanted])
+        for topic, result in zip(wanted, results, strict=True):
+            if isinstance(result, HistoryBroken):
+                if not self.drop_broken:
+                    raise result
+                self.broken.append(result)
+                self._drop(topic)
+                continue
+            self._take(topic, result, count)
+
+    def _take(self, topic: str, entries: list[Entry], count: int) -> None:
+        buffer = self._buffers[topic]
+        last = self._last[topic]
+        done = len(entries) < count
+        for frame, prev in entries:
+            if prev > last:
+                if self._opening:
+                    self._missing[topic] = max(self._missing[topic], prev)
+                elif prev <= self.clock:  # a later one was live: the hub holds it
+                    self._gap(topic, last)
+                    return
+            if frame.key > self.clock:
+                done = True  # later ids arrive live: this one only proved the back-link
+                break
+            buffer.append(frame)
+            last = frame.key
+            self._bytes += len(frame.data)
+            self._entries += 1
+        self._last[topic] = last
+        self._done[topic] = done
+
+    def _gap(self, topic: str, last: int) -> None:
+        self.gaps.append(topic)
+        if self.drop_broken:
+            self._drop(topic)
+            return
+        # Nothing after the last entry before the gap may be sent: the client's position would
+        # pass the gap and its reconnect would not be told ``reset``.
+        self._stop = min(last, self._stop if self._stop is not None else last)
+        for name in self.topics:
+            self._done[name] = True
+
+    def _drop(self, topic: str) -> None:
+        self._buffers[topic].clear()
+        self._done[topic] = True
+
+    def _release(self) -> dict[str, list[Frame]]:
+        """Every buffered id up to the bound."""
+        pending = [self._last[t] for t in self.topics if not self._done[t]]
+        bound = min(pending) if pending else self.clock
+        if self._stop is not None:
+            bound = min(bound, self._stop)
+        runs = {}
+        for topic, buffer in self._buffers.items():
+            run = []
+            while buffer and buffer[0].key <= bound:
+                run.append(buffer.popleft())
+            if run:
+                runs[topic] = run
+            if self._stop is not None:
+                buffer.clear()
+        return runs
 
 
 def check_history(
@@ -122,8 +313,20 @@ FrameListener = Callable[[str, Frame], None]
 LostListener = Callable[[Sequence[str]], None]
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What ``/readyz`` reports: whether streams can be served, and the state of each part."""
+
+    ready: bool
+    detail: dict[str, str]
+
+
 class EngineUnavailable(Exception):
     """The engine cannot serve the request now (e.g. Redis unreachable)."""
+
+
+class InvalidStore(EngineUnavailable):
+    """The engine holds data this node cannot read (e.g. a clock that is not an id)."""
 
 
 class Engine(abc.ABC):
@@ -152,6 +355,9 @@ class Engine(abc.ABC):
     async def ready(self) -> bool:
         """Whether the engine can serve subscribers and publishers now."""
 
+    async def health(self) -> Health:
+        return Health(await self.ready(), {})
+
     @abc.abstractmethod
     async def subscribe(self, topic: str) -> None:
         """Return once every frame published to ``topic`` from now on will reach ``on_frame``."""
@@ -162,7 +368,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        """The retained events after ``position`` for ``topics``, merged in id order.
+        """The retained events after ``position`` for ``topics``, opened (clock and first round
+        read, ``reset`` decided) and read page by page with :meth:`Replay.next_page`.
 
         With no position, only the clock is read (nothing is replayed)."""
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from gateway.engines.base import Engine, Frame, Position, Replay, check_history, merge_unique
+from gateway.engines.base import Engine, Frame, History, Position, Replay, TopicRead
 from publisher import Message, Retention
 from publisher._schema import key_to_id
 
@@ -87,7 +88,8 @@ class MemoryEngine(Engine):
         if seen := self._published.get(digest):
             return seen[0]
         event_id = self._next_id()
-        self._published[digest] = (event_id, now + self.idempotency_ttl)
+        if message.remember:
+            self._published[digest] = (event_id, now + self.idempotency_ttl)
         frame = Frame.from_body(event_id, message.body)
         for topic in message.topics:
             # Re-inserted, so the histories stay ordered by their last publish.
@@ -102,17 +104,35 @@ class MemoryEngine(Engine):
         return event_id
 
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        clock = self._clock or 0
-        if position is None:
-            return Replay([], None, clock)
-        histories = [(t, self._histories.get(t) or _History()) for t in topics]
-        reset = check_history(
-            position,
-            topics,
-            self._clock,
-            self._origin,
-            ((t, h.max_deleted) for t, h in histories),
-        )
-        after = position.after_key
-        runs = [[f for f in h.entries if f.key > after] for _, h in histories]
-        return Replay(merge_unique(runs), reset, clock)
+        replay = Replay(_MemoryHistory(self), topics, position)
+        await replay.open()
+        return replay
+
+
+class _MemoryHistory(History):
+    """The histories as a paged replay reads them: each entry's back-link is the entry before
+    it, or for the oldest, the newest one retention removed."""
+
+    def __init__(self, engine: MemoryEngine) -> None:
+        self.engine = engine
+
+    async def head(self) -> tuple[int | None, int | None]:
+        return self.engine._clock, self.engine._origin
+
+    async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
+        results: list[TopicRead] = []
+        for topic, after, count in requests:
+            history = self.engine._histories.get(topic)
+            if history is None:
+                results.append([])
+                continue
+            entries = history.entries
+            start = bisect.bisect_right(entries, after, key=lambda f: f.key)
+            page = []
+            prev = entries[start - 1].key if start else history.max_deleted
+            for index in range(start, min(start + count, len(entries))):
+                frame = entries[index]
+                page.append((frame, prev))
+                prev = frame.key
+            results.append(page)
+        return results

@@ -8,29 +8,32 @@ notice; here a dropped link always reaches ``on_lost``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, ResponseError
 
 from gateway.engines.base import (
     Engine,
     EngineUnavailable,
     Frame,
+    Health,
+    History,
+    HistoryBroken,
+    InvalidStore,
     Position,
     Replay,
-    Reset,
     ResetReason,
-    check_history,
-    merge_unique,
+    TopicRead,
 )
 from gateway.publishing import PublishFailed
 from publisher import Message, Retention
@@ -45,28 +48,26 @@ from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 
 log = logging.getLogger("gateway.engine")
 
-REPLAY_PAGE = 1000
 REDIS_CONCURRENCY = 64
 """Replays and publishes in flight at once. A reconnect storm opens thousands of streams in a
 second; past this they queue here instead of each taking a Redis connection (redis-py's pool
 raises "Too many connections" rather than waiting)."""
 PUBLISH_RETRY_FOR = 2.0
 MAX_RECONNECT_DELAY = 2.0
+LINK_TIMEOUT = 5.0
+"""Seconds the pub/sub link may take to connect (with its handshake) or to write a command."""
 MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
 _PREV = PREV_FIELD.encode()
 
 
-def _key_or_none(value: Any) -> int | None:
-    return None if value is None else id_key(value)
-
-
 def _pubsub_pool(url: str) -> ConnectionPool:
-    """Connections for the pub/sub link: no read timeout (it idles), no silent retries."""
+    """Connections for the pub/sub link: bounded connect, handshake and writes, no silent
+    retries. Its reads may idle: the reader bounds them itself (see ``_read_link``)."""
     options: dict[str, Any] = {
         "protocol": 2,
-        "socket_timeout": None,
-        "socket_connect_timeout": 5.0,
+        "socket_timeout": LINK_TIMEOUT,
+        "socket_connect_timeout": LINK_TIMEOUT,
         "socket_keepalive": True,
         "retry": Retry(NoBackoff(), 0),
     }
@@ -80,9 +81,85 @@ def _pubsub_pool(url: str) -> ConnectionPool:
     )  # fmt: skip
 
 
+def _write_refusal(exc: Exception) -> str:
+    if isinstance(exc, OutOfMemoryError):
+        return "out_of_memory"
+    if isinstance(exc, ReadOnlyError):
+        return "read_only"
+    return "error"
+
+
 def _after(key: int) -> str:
     """An XRANGE start just after ``key`` (``(max`` is not a valid range in Redis)."""
     return "(" + key_to_id(key) if key < MAX_KEY else "+"
+
+
+def _stored_id(keys: Keys, name: str, value: bytes | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return id_key(value)
+    except (ValueError, UnicodeDecodeError):
+        key = keys.clock if name == "clock" else keys.origin
+        raise InvalidStore(
+            f"the {name} key {key!r} holds {value[:40]!r}, which is not an event id "
+            "(<ms>-<seq>): delete it or set it to the newest id issued"
+        ) from None
+
+
+class RedisHistory(History):
+    """Replay reads without transactions, so they keep working when Redis refuses writes (under
+    ``maxmemory``, Redis refuses every command queued in MULTI).
+
+    Why that is still exact: the clock is read first, in a round trip of its own. The publish
+    script sets the clock and appends to every stream atomically, so each id up to that clock
+    is in its streams before the clock read returns, and a later read sees it unless retention
+    trimmed it, which the back-links (``p``) of the entries that remain reveal. Ids above the
+    clock are published after the node subscribed, so they arrive live; read here, they only
+    serve to check back-links. Reads of one page need not be atomic with each other: streams
+    only grow at their end and shrink at their start."""
+
+    def __init__(self, client: Any, keys: Keys, slots: asyncio.Semaphore) -> None:
+        self.client = client
+        self.keys = keys
+        self.slots = slots
+
+    async def head(self) -> tuple[int | None, int | None]:
+        try:
+            async with self.slots:
+                clock, origin = await self.client.mget(self.keys.clock, self.keys.origin)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"reading the clock failed: {exc}") from None
+        return _stored_id(self.keys, "clock", clock), _stored_id(self.keys, "origin", origin)
+
+    async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
+        try:
+            async with self.slots, self.client.pipeline(transaction=False) as pipe:
+                for topic, after, count in requests:
+                    pipe.xrange(self.keys.stream(topic), _after(after), "+", count=count)
+                results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise EngineUnavailable(f"replay failed: {exc}") from None
+        return [
+            self._entries(topic, result)
+            for (topic, _, _), result in zip(requests, results, strict=True)
+        ]
+
+    def _entries(self, topic: str, result: Any) -> TopicRead:
+        if isinstance(result, ResponseError):
+            code = str(result).split(" ", 1)[0] or "error"
+            return HistoryBroken(topic, f"{self.keys.stream(topic)!r} is not a stream ({code})")
+        if isinstance(result, Exception):
+            raise EngineUnavailable(f"replay failed: {result}")
+        entries = []
+        for entry_id, fields in result:
+            try:
+                frame = Frame.from_body(entry_id, fields[_BODY])
+                prev = id_key(fields.get(_PREV, b"0-0"))
+            except (KeyError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
+                return HistoryBroken(topic, f"entry {entry_id[:40]!r} is not an event")
+            entries.append((frame, prev))
+        return entries
 
 
 class RedisEngine(Engine):
@@ -103,6 +180,8 @@ class RedisEngine(Engine):
         self.keys = Keys(prefix)
         self.client = connect_async(url, max_connections=REDIS_CONCURRENCY + 16)
         self._slots = asyncio.Semaphore(REDIS_CONCURRENCY)
+        self.history = RedisHistory(self.client, self.keys, self._slots)
+        self.publish_replicas = publish_replicas
         self.transport = AsyncRedisTransport(
             self.client, self.keys, retention or Retention(),
             retry_for=PUBLISH_RETRY_FOR, idempotency_ttl=idempotency_ttl,
@@ -112,7 +191,10 @@ class RedisEngine(Engine):
         self.probe_interval = probe_interval
         self._pubsub_pool = _pubsub_pool(url)
         self._channel_prefix = self.keys.channel_prefix.encode()
-        self._probe_channel = self.keys.probe(uuid.uuid4().hex).encode()
+        node = uuid.uuid4().hex
+        self._probe_channel = self.keys.probe(node).encode()
+        self._ready_key = f"{self.keys.prefix}:ready:{node}"
+        """A short-lived key written by each readiness check: does Redis accept writes?"""
         self._probe_seen = asyncio.Event()
         self._conn: AbstractConnection | None = None
         self._connected = asyncio.Event()
@@ -132,7 +214,40 @@ class RedisEngine(Engine):
         self._tasks = [
             asyncio.create_task(self._read_forever(), name="sse-gateway pubsub reader"),
             asyncio.create_task(self._probe_forever(), name="sse-gateway pubsub probe"),
+            asyncio.create_task(self._check_setup(), name="sse-gateway redis checks"),
         ]
+
+    async def _check_setup(self) -> None:
+        """Warn once, at start-up, about Redis settings that break what this node promises.
+        Best effort: a managed Redis may refuse CONFIG, and Redis may not be up yet."""
+        try:
+            async with asyncio.timeout(LINK_TIMEOUT):
+                try:
+                    config = await self.client.config_get("maxmemory-policy")
+                except ResponseError:
+                    config = {}  # CONFIG is disabled or renamed
+                policy = str(config.get("maxmemory-policy") or "")
+                replicas = 0
+                if self.publish_replicas:
+                    info = await self.client.info("replication")
+                    replicas = int(info.get("connected_slaves", 0))
+        except (RedisError, OSError, TimeoutError, ValueError) as exc:
+            log.info("Redis settings not checked: %s", exc or type(exc).__name__)
+            return
+        if policy.startswith("allkeys-"):
+            log.warning(
+                "Redis maxmemory-policy is %s: when Redis is full it may evict the clock key "
+                "%r (ids could then go backwards and clients miss events) and the streams; "
+                "use noeviction",
+                policy, self.keys.clock,
+            )  # fmt: skip
+        if replicas < self.publish_replicas:
+            log.warning(
+                "--publish-replicas %d, but Redis has %d replica(s) attached: publishes are "
+                "stored and delivered, but POST /publish answers that they were not "
+                "replicated in time until enough replicas attach",
+                self.publish_replicas, replicas,
+            )  # fmt: skip
 
     async def close(self) -> None:
         self._closing = True
@@ -143,53 +258,104 @@ class RedisEngine(Engine):
         await self._pubsub_pool.disconnect()
 
     async def ready(self) -> bool:
-        if self._conn is None or self._held is not None:
-            return False
+        return (await self.health()).ready
+
+    async def health(self) -> Health:
+        """Ready when the pub/sub link is up (not backfilling) and Redis answers.
+
+        A Redis that refuses writes (``maxmemory`` reached under ``noeviction``, a read-only
+        replica) still serves every stream, replays included: the node stays ready and says
+        ``"publish": "refused"`` (taking every node out of rotation would strand every client
+        while only publishing is impossible)."""
+        link = "down" if self._conn is None else "backfilling" if self._held is not None else "up"
+        detail = {"link": link}
         try:
-            return bool(await asyncio.wait_for(self.client.ping(), 2.0))
+            async with asyncio.timeout(2.0), self.client.pipeline(transaction=False) as pipe:
+                pipe.ping()
+                pipe.set(self._ready_key, b"1", px=10_000)
+                pong, wrote = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError, TimeoutError):
-            return False
+            pong = wrote = None
+        if pong is None or isinstance(pong, Exception):
+            detail["redis"] = "unreachable"
+            return Health(False, detail)
+        detail["redis"] = "up"
+        detail["publish"] = "refused" if isinstance(wrote, Exception) else "ok"
+        if isinstance(wrote, Exception):
+            detail["publish_error"] = _write_refusal(wrote)
+        return Health(link == "up", detail)
 
     # -- live ---------------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
         """Keep one pub/sub link; after each (re)connect, re-subscribe and backfill from the
-        streams whatever was published while the link was down, before any newer frame."""
+        streams whatever was published while the link was down, before any newer frame.
+
+        Every wait is bounded: connecting (with its handshake) by :data:`LINK_TIMEOUT`, and a
+        link that stays silent is pinged, then dropped (``_read_link``)."""
         backoff = 0.05
+        lost_before = False
         while not self._closing:
             conn = self._pubsub_pool.make_connection()  # type: ignore[no-untyped-call]
             recovery: asyncio.Task[None] | None = None
             try:
-                await conn.connect()
+                async with asyncio.timeout(LINK_TIMEOUT):
+                    await conn.connect()
+                if lost_before:
+                    # Pooled command connections may sit on the same dead path: start afresh.
+                    await self.client.connection_pool.disconnect(inuse_connections=False)
                 self._held = []
                 self._conn = conn
                 self._connected.set()
                 recovery = asyncio.create_task(self._recover(conn), name="sse-gateway backfill")
                 recovery.add_done_callback(self._recovered)
-                while True:
-                    self._handle(await conn.read_response(timeout=None))
+                async for message in self._read_link(conn):
+                    self._handle(message)
                     if recovery is not None and recovery.done():
                         recovery.result()
                         recovery = None
                         backoff = 0.05
+                        lost_before = False
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError, TimeoutError, EngineUnavailable) as exc:
                 if not self._closing:
-                    log.warning("pub/sub link lost: %s", exc)
+                    log.warning("pub/sub link lost: %s", exc or type(exc).__name__)
             except Exception:
                 log.exception("pub/sub reader failed; reconnecting")
             finally:
+                lost_before = True
                 self._drop_link()
                 if recovery is not None:
                     recovery.cancel()
                     await asyncio.gather(recovery, return_exceptions=True)
-                await conn.disconnect()
+                with contextlib.suppress(RedisError, OSError, TimeoutError):
+                    await conn.disconnect(nowait=True)
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, MAX_RECONNECT_DELAY)
 
+    async def _read_link(self, conn: AbstractConnection) -> AsyncIterator[list[Any]]:
+        """Messages from the link. After ``idle`` seconds without one, a PING is sent (the
+        self-probe normally keeps the link busy); when that brings nothing back within another
+        ``idle`` seconds, the link is dead (a network that drops bytes without closing)."""
+        idle = max(1.0, self.probe_interval or 5.0) + LINK_TIMEOUT
+        pinged = False
+        while True:
+            message = await conn.read_response(timeout=idle)
+            if message is not None:
+                pinged = False
+                yield message
+                continue
+            if pinged:
+                raise TimeoutError(f"the pub/sub link was silent for {2 * idle:.0f}s")
+            async with self._send_lock:
+                await conn.send_command("PING")
+            pinged = True
+
     async def _recover(self, conn: AbstractConnection) -> None:
-        """Subscribe the probe channel and every active topic, then read what was missed."""
+        """Subscribe the probe channel and every active topic, then deliver what was missed,
+        page by page. A topic whose history cannot be read is lost on its own: the others
+        are backfilled."""
         try:
             topics = sorted(self._topics)
             async with self._send_lock:
@@ -200,20 +366,60 @@ class RedisEngine(Engine):
                     await conn.send_command("SUBSCRIBE", *channels)
             if waiters:
                 await asyncio.wait_for(asyncio.gather(*waiters), self.subscribe_timeout)
+            since = None
             if self._seen is not None and topics:
                 since = Position.after(key_to_id(self._seen))
-                runs, reset, clock = await self._read_runs(topics, since)
-                if reset is not None and reset.reason is ResetReason.FUTURE_ID:
-                    # This node saw frames that this Redis no longer has (a failover or a
-                    # restart lost its last writes): nothing after them is missing, and a
-                    # retried publish that takes its first id again is skipped by each client.
-                    reset = None
-            else:
-                runs, reset = {}, None
-                clock = _key_or_none(await self.client.get(self.keys.clock)) or 0
+            backfill = Replay(self.history, topics, since, drop_broken=True)
+            await backfill.open()
+            await self._backfill(backfill)
         except (RedisError, OSError, TimeoutError) as exc:
             raise EngineUnavailable(f"backfill failed: {exc}") from None
-        self._release(runs, reset, clock)
+
+    async def _backfill(self, backfill: Replay) -> None:
+        reset = backfill.reset
+        if reset is not None and reset.reason is ResetReason.FUTURE_ID:
+            # This node saw frames that this Redis no longer has (a failover or a restart lost
+            # its last writes): nothing after them is missing, and a retried publish that takes
+            # its first id again is skipped by each client.
+            reset = None
+        lost = set(reset.topics) if reset is not None else set()
+        if lost:
+            self.on_lost(sorted(lost))
+        count = 0
+        while runs := await backfill.next_runs():
+            self._lose_broken(backfill, lost)
+            page = sorted(
+                ((frame.key, topic, frame) for topic, run in runs.items() if topic not in lost
+                 for frame in run),
+                key=lambda item: item[0],
+            )  # fmt: skip
+            for _, topic, frame in page:
+                self.on_frame(topic, frame)
+            count += len(page)
+        self._lose_broken(backfill, lost)
+        if gaps := [t for t in backfill.gaps if t not in lost]:
+            lost.update(gaps)
+            self.on_lost(gaps)
+        clock = backfill.clock
+        covered = set(backfill.topics)
+        held, self._held = self._held or [], None
+        self._seen = max(self._seen or 0, clock)
+        for topic, frame in held:
+            if frame.key > clock or topic not in covered:
+                self._deliver(topic, frame)
+        if count or lost:
+            log.info(
+                "pub/sub link restored: %d events backfilled, %d topics lost history",
+                count, len(lost),
+            )  # fmt: skip
+
+    def _lose_broken(self, backfill: Replay, lost: set[str]) -> None:
+        for broken in backfill.broken:
+            if broken.topic not in lost:
+                log.warning("%s: closing the streams of that topic", broken)
+                lost.add(broken.topic)
+                self.on_lost([broken.topic])
+        backfill.broken.clear()
 
     def _recovered(self, task: asyncio.Task[None]) -> None:
         """A failed backfill drops the link (waking the reader), so it is tried again."""
@@ -223,28 +429,6 @@ class RedisEngine(Engine):
         if conn is not None:
             log.warning("backfill failed: %s", task.exception())
             self._tasks.append(asyncio.create_task(conn.disconnect()))
-
-    def _release(self, runs: dict[str, list[Frame]], reset: Reset | None, clock: int) -> None:
-        lost = set(reset.topics) if reset is not None else set()
-        if lost:
-            self.on_lost(sorted(lost))
-        backfill = sorted(
-            ((frame.key, topic, frame) for topic, run in runs.items() if topic not in lost
-             for frame in run),
-            key=lambda item: item[0],
-        )  # fmt: skip
-        for _, topic, frame in backfill:
-            self.on_frame(topic, frame)
-        held, self._held = self._held or [], None
-        self._seen = max(self._seen or 0, clock)
-        for topic, frame in held:
-            if frame.key > clock or topic not in runs:
-                self._deliver(topic, frame)
-        if backfill or lost:
-            log.info(
-                "pub/sub link restored: %d events backfilled, %d topics lost history",
-                len(backfill), len(lost),
-            )  # fmt: skip
 
     def _deliver(self, topic: str, frame: Frame) -> None:
         if self._seen is None or frame.key > self._seen:
@@ -365,65 +549,9 @@ class RedisEngine(Engine):
     # -- history --------------------------------------------------------------------------------
 
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        try:
-            async with self._slots:
-                return await self._replay(topics, position)
-        except (RedisError, OSError) as exc:
-            raise EngineUnavailable(f"replay failed: {exc}") from None
-
-    async def _replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        if position is None:
-            return Replay([], None, _key_or_none(await self.client.get(self.keys.clock)) or 0)
-        runs, reset, clock = await self._read_runs(topics, position)
-        return Replay(merge_unique(list(runs.values())), reset, clock)
-
-    async def _read_runs(
-        self, topics: Sequence[str], position: Position
-    ) -> tuple[dict[str, list[Frame]], Reset | None, int]:
-        """Each topic's entries after ``position`` up to the clock, and what history lacks."""
-        after = position.after_key
-        runs: dict[str, list[Frame]] = {t: [] for t in topics}
-        missing = dict.fromkeys(topics, 0)
-        cursors = dict.fromkeys(topics, after)
-        clock_key = origin_key = None
-        first = True
-        pending = list(topics)
-        while pending:
-            # Each round is atomic; the first also reads the clock. Entries after the clock
-            # arrive live (the hub subscribed before this), so they only serve to check the
-            # back-link of what came before them.
-            async with self.client.pipeline(transaction=True) as pipe:
-                if first:
-                    pipe.get(self.keys.clock)
-                    pipe.get(self.keys.origin)
-                for topic in pending:
-                    start = _after(cursors[topic])
-                    pipe.xrange(self.keys.stream(topic), start, "+", count=REPLAY_PAGE)
-                results = await pipe.execute()
-            if first:
-                clock_key, origin_key = _key_or_none(results[0]), _key_or_none(results[1])
-                results = results[2:]
-                first = False
-            bound = clock_key or 0
-            still = []
-            for topic, entries in zip(pending, results, strict=True):
-                run = runs[topic]
-                done = len(entries) < REPLAY_PAGE
-                for entry_id, fields in entries:
-                    frame = Frame.from_body(entry_id, fields[_BODY])
-                    prev = id_key(fields.get(_PREV, b"0-0"))
-                    if prev > (run[-1].key if run else after):
-                        missing[topic] = max(missing[topic], prev)
-                    if frame.key > bound:
-                        done = True
-                        break
-                    run.append(frame)
-                if not done:
-                    cursors[topic] = run[-1].key
-                    still.append(topic)
-            pending = still
-        reset = check_history(position, topics, clock_key, origin_key, missing.items())
-        return runs, reset, clock_key or 0
+        replay = Replay(self.history, topics, position)
+        await replay.open()
+        return replay
 
     async def publish(self, message: Message) -> str:
         """Transient errors (after the transport's retries) are ``EngineUnavailable``; what

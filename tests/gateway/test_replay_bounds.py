@@ -1,0 +1,204 @@
+"""Issue 10 B: replays are bounded.
+
+A replay is read from history page by page and sent under the same pending-bytes budget as
+live frames, waiting for the client to take each page: clients that ask for a long history and
+never read cannot pin the node's memory, and a client that reads gets all of it, in order,
+then the live events, with no gap and no duplicate at the hand-over, even when more live
+events arrive during the replay than the budget could hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from gateway.client import EventParser, ServerEvent, stream_url
+from tests.conftest import GatewayFactory, NodeFactory
+
+ATTACK_TOPICS = [f"history:{i}" for i in range(8)]
+ATTACK_EVENTS = 2000
+"""Per topic."""
+ATTACK_EVENT_BYTES = 4096
+ATTACKERS = 20
+SEND_TIMEOUT = 'sse_disconnects_total{reason="send_timeout"}'
+
+
+class NonReader:
+    """A raw TCP client that asks for every topic's whole history and then never reads."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        query = "&".join(f"topic={t}" for t in topics)
+        request = f"GET /events?{query} HTTP/1.1\r\nHost: t\r\nLast-Event-ID: 0-0\r\n\r\n"
+        self.sock.sendall(request.encode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _healthz_seconds(url: str) -> float:
+    start = time.monotonic()
+    response = httpx.get(url + "/healthz", timeout=30)
+    assert response.status_code == 200
+    return time.monotonic() - start
+
+
+def test_clients_that_ask_for_all_history_and_never_read_cannot_pin_memory(
+    redis_url: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 B, repro scaled to CI: 8 topics x 2000 events x 4 KB of history (64 MB), then
+    20 connections that ask for all of it with ``Last-Event-ID: 0-0`` and never read. Today
+    each replay is loaded whole and sent as one chunk (RSS grew by gigabytes); now the node
+    holds about one page per stream, /healthz answers promptly throughout, and each stalled
+    stream is dropped after ``--send-timeout``."""
+    from publisher import Publisher, Retention
+
+    body = "x" * ATTACK_EVENT_BYTES
+    with Publisher.from_url(redis_url, prefix=prefix, retention=Retention(ATTACK_EVENTS, 0)) as pub:
+        for start in range(0, ATTACK_EVENTS, 250):
+            pub.publish_many(
+                (topic, body) for _ in range(start, start + 250) for topic in ATTACK_TOPICS
+            )
+    gateway = gateway_factory(
+        "--prefix", prefix, "--max-events", str(ATTACK_EVENTS), "--send-timeout", "4",
+        redis_url=redis_url,
+    )  # fmt: skip
+    _healthz_seconds(gateway.url)
+    before = gateway.rss_bytes()
+    peak = before
+    slowest = 0.0
+    attackers = [NonReader(gateway.port, ATTACK_TOPICS) for _ in range(ATTACKERS)]
+    try:
+        deadline = time.monotonic() + 60
+        while (dropped := gateway.metric(SEND_TIMEOUT)) < ATTACKERS:
+            if time.monotonic() > deadline:
+                break
+            peak = max(peak, gateway.rss_bytes())
+            slowest = max(slowest, _healthz_seconds(gateway.url))
+            time.sleep(0.1)
+    finally:
+        for attacker in attackers:
+            attacker.close()
+    growth = peak - before
+    mib = 2**20
+    print(f"RSS {before / mib:.0f} -> peak {peak / mib:.0f} MiB; /healthz max {slowest:.3f} s")
+    assert growth < 150 * 2**20, f"RSS grew by {growth / 2**20:.0f} MiB"
+    assert slowest < 2.0, f"/healthz took {slowest:.1f} s"
+    assert dropped == ATTACKERS, f"{dropped:.0f} of {ATTACKERS} stalled streams were dropped"
+
+
+async def _read_slowly(
+    url: str, headers: dict[str, str], events: list[ServerEvent], done: asyncio.Event,
+    slow_for: float, until: str,
+) -> bool:  # fmt: skip
+    """Read the stream, pausing after each read for the first ``slow_for`` seconds (so the
+    replay takes a while); return whether the server closed the stream."""
+    parser = EventParser()
+    start = time.monotonic()
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            events.extend(parser.feed(chunk))
+            if any(e.data == until for e in events[-50:]):
+                return False
+            if time.monotonic() - start < slow_for:
+                await asyncio.sleep(0.01)
+            done.set()
+    return True
+
+
+@pytest.mark.parametrize("held_budget", [64 * 1024, 8 * 1024 * 1024], ids=["small", "large"])
+def test_a_reading_client_gets_every_event_in_order_then_live_ones(
+    node_factory: NodeFactory, held_budget: int
+) -> None:
+    """Issue 10 B: a long replay (several pages, topics merged, events on several topics
+    once) reaches a client that reads, in id order, and hands over to live events with no gap
+    and no duplicate. Live events arrive while the replay is sent; with a small budget more of
+    them than it allows (they used to end the stream as a slow consumer; now the replay reads
+    on to a newer clock instead)."""
+    node = node_factory("--max-pending-bytes", str(held_budget))
+    rotation = (["a"], ["b"], ["a", "b"], ["c"])
+    filler = "y" * 400
+    history: list[str] = []
+    for start in range(0, 3000, 300):
+        history += node.publisher.publish_many(
+            (rotation[i % 4], f"h{i}:{filler}") for i in range(start, start + 300)
+        )
+    live: list[str] = []
+
+    def publish_live(started: threading.Event) -> None:
+        started.wait(10)
+        for i in range(300):
+            live.append(node.publish(rotation[i % 4], f"l{i}:" + "z" * 1000))
+        live.append(node.publish(["a", "b", "c"], "end"))
+
+    async def scenario() -> tuple[list[ServerEvent], bool]:
+        started = threading.Event()
+        publisher = asyncio.create_task(asyncio.to_thread(publish_live, started))
+        reading = asyncio.Event()
+        events: list[ServerEvent] = []
+        url = stream_url(node.url, ["a", "b", "c"], None, None)
+        headers = {"accept": "text/event-stream", "last-event-id": "0-0"}
+        reader = asyncio.create_task(
+            _read_slowly(url, headers, events, reading, slow_for=2.0, until="end")
+        )
+        await asyncio.wait_for(reading.wait(), 10)
+        started.set()
+        try:
+            closed = await asyncio.wait_for(reader, 60)
+        finally:
+            await publisher
+        return events, closed
+
+    events, closed = asyncio.run(scenario())
+    assert not closed, "the server ended the stream"
+    received = [e.id for e in events if e.event in ("", "message")]
+    expected = history + live
+    assert received == expected, (
+        f"{len(received)} received of {len(expected)}; "
+        f"{len(received) - len(set(received))} duplicates; "
+        f"missing {[i for i in expected if i not in set(received)][:5]}"
+    )
+
+
+def test_a_stream_without_position_starts_live_whatever_the_history(
+    node_factory: NodeFactory,
+) -> None:
+    """Issue 10 B (regression guard): without a position nothing is replayed, however long
+    the history, and the first event published after the stream opened is the first one
+    received."""
+    node = node_factory()
+    node.publisher.publish_many(("a", f"old{i}") for i in range(2000))
+
+    async def scenario() -> list[ServerEvent]:
+        events: list[ServerEvent] = []
+        reading = asyncio.Event()
+        url = stream_url(node.url, ["a"], None, None)
+        reader = asyncio.create_task(
+            _read_slowly(url, {"accept": "text/event-stream"}, events, reading, 0, "new")
+        )
+        await asyncio.wait_for(reading.wait(), 10)
+        for _ in range(100):
+            await asyncio.to_thread(node.publish, "a", "new")
+            try:
+                await asyncio.wait_for(asyncio.shield(reader), 0.2)
+                break
+            except TimeoutError:
+                continue
+        await asyncio.wait_for(reader, 10)
+        return events
+
+    events = asyncio.run(scenario())
+    assert events
+    assert all(e.data == "new" for e in events)
