@@ -1,0 +1,392 @@
+"""Issue 10 D: Redis links heal from every failure, with a time limit on every wait, and bad
+data stays local.
+
+Each scenario runs a real redis-server (the session's, or one of the test's own when it must
+be configured or broken) and real gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import orjson
+import pytest
+import redis
+
+from publisher import Publisher
+from tests.conftest import GatewayFactory
+from tests.support.redis_server import RedisServer
+from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
+
+BLACKHOLE_SECONDS = 11.0
+RECOVERY_LIMIT = 30.0
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"timed out waiting until {what}"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def readyz(url: str) -> tuple[int | None, dict[str, str]]:
+    try:
+        response = httpx.get(url + "/readyz", timeout=5)
+    except httpx.TransportError:
+        return None, {}
+    return response.status_code, response.json()
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def ended(stream: SSEStream) -> bool:
+    """For :func:`collect`: read until the server ends the stream."""
+    return False
+
+
+def refusals(stream: SSEStream) -> list[dict[str, str]]:
+    return [orjson.loads(e.data) for e in stream.events if e.event == "refused"]
+
+
+@pytest.fixture
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    return binary
+
+
+@contextlib.contextmanager
+def own_redis(binary: str, *extra: str) -> Iterator[RedisServer]:
+    server = RedisServer(binary, *extra)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
+
+
+# -- Blackhole ----------------------------------------------------------------------------------
+
+
+class Blackhole:
+    """A loopback TCP proxy to Redis (asyncio, in a thread of its own) whose network can go
+    black: every byte is dropped both ways and nothing is closed; new connections are accepted
+    and never answered. Once restored, new connections are forwarded again, while those that
+    went black stay black, as after a real network partition."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.black = False
+        self.dead: list[list[bool]] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(5)
+        self.port: int = self.server.sockets[0].getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _listen(self) -> asyncio.Server:
+        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        dead = [self.black]
+        self.dead.append(dead)
+        if dead[0]:
+            await self._pump(reader, None, dead)
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self.writers.append(up_writer)
+        await asyncio.gather(
+            self._pump(reader, up_writer, dead), self._pump(up_reader, writer, dead)
+        )
+
+    async def _pump(
+        self, source: asyncio.StreamReader, target: asyncio.StreamWriter | None, dead: list[bool]
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await source.read(65536):
+                if dead[0] or target is None:
+                    continue  # swallowed: nothing is forwarded, nothing is closed
+                target.write(data)
+                await target.drain()
+            if target is not None and not dead[0]:
+                target.close()
+
+    def blackhole(self) -> None:
+        def go_black() -> None:
+            self.black = True
+            for dead in self.dead:
+                dead[0] = True
+
+        self.loop.call_soon_threadsafe(go_black)
+
+    def restore(self) -> None:
+        self.loop.call_soon_threadsafe(setattr, self, "black", False)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            for writer in self.writers:
+                writer.close()
+
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def blackhole(redis_url: str) -> Iterator[Blackhole]:
+    upstream = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    if upstream.get("host") not in ("127.0.0.1", "localhost"):
+        pytest.skip("the blackhole proxy needs a loopback Redis")
+    proxy = Blackhole(int(upstream["port"]))
+    yield proxy
+    proxy.close()
+
+
+def test_a_node_recovers_by_itself_after_the_network_to_redis_went_black(
+    redis_url: str, prefix: str, gateway_factory: GatewayFactory, blackhole: Blackhole
+) -> None:
+    """Issue 10 D, blackhole: the network to Redis drops every byte for 11 s without closing
+    anything, then serves new connections. The pub/sub reconnect used to hang forever (no
+    limit on connect, handshake or reads; the probe skipped its check while the link was
+    down). Now the node opens a new link by itself: a stream open throughout gets every event,
+    those published during the blackhole (backfilled) and after, once and in order, and
+    /readyz returns to 200."""
+    gateway = gateway_factory(
+        "--prefix", prefix, "--probe-interval", "2", "--log-level", "info",
+        redis_url=blackhole.url,
+    )  # fmt: skip
+    published: list[str] = []
+
+    async def scenario() -> tuple[SSEStream, float, float]:
+        with Publisher.from_url(redis_url, prefix=prefix) as pub:
+            return await run(pub)
+
+    async def run(pub: Publisher) -> tuple[SSEStream, float, float]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
+            stream, task = open_stream(http, gateway.url, ["x"])
+            try:
+                await until_subscribed(stream, pub.publish, "x")
+                first = len(stream.events)
+                blackhole.blackhole()
+                end = time.monotonic() + BLACKHOLE_SECONDS
+                while time.monotonic() < end:
+                    published.append(await asyncio.to_thread(pub.publish, "x", "dark"))
+                    await asyncio.sleep(0.5)
+                blackhole.restore()
+                healed = time.monotonic()
+                while True:
+                    published.append(await asyncio.to_thread(pub.publish, "x", "after"))
+                    if any(e.data == "after" for e in stream.events):
+                        break
+                    assert not stream.closed_by_server, "the stream was ended"
+                    assert time.monotonic() - healed < RECOVERY_LIMIT, "no event after the heal"
+                    await asyncio.sleep(0.2)
+                delivered = time.monotonic() - healed
+                ready = delivered + await asyncio.to_thread(
+                    wait_until, lambda: readyz(gateway.url)[0] == 200, "/readyz is 200", 15
+                )
+                last = await asyncio.to_thread(pub.publish, "x", "last")
+                published.append(last)
+                await stream.wait_for(lambda s: any(e.id == last for e in s.events))
+                del stream.events[:first]
+            finally:
+                await stop(task)
+        return stream, delivered, ready
+
+    stream, delivered, ready = asyncio.run(scenario())
+    print(f"after the heal: events flow in {delivered:.1f} s, /readyz 200 in {ready:.1f} s")
+    received = [e.id for e in stream.events]
+    assert received == published, (
+        f"{len(received)} received of {len(published)}; missing "
+        f"{sorted(set(published) - set(received))[:5]}"
+    )
+    assert "Traceback" not in gateway.output()
+
+
+# -- Bad data stays local -----------------------------------------------------------------------
+
+
+def test_a_wrong_type_key_fails_only_its_own_topic_through_a_pubsub_reconnect(
+    redis_url: str, prefix: str, redis_client: redis.Redis, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D, bad data stays local: one topic's stream key is replaced by a string while
+    a client follows it, then the pub/sub link drops. The backfill used to fail in one MULTI
+    and be retried forever, so no topic got anything. Now only the broken topic's streams are
+    ended (with a clear log line) and the other topics go on; a new stream on the broken topic
+    is answered clearly."""
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+
+    async def scenario() -> tuple[SSEStream, SSEStream, SSEStream]:
+        with Publisher.from_url(redis_url, prefix=prefix) as pub:
+            return await run(pub)
+
+    async def run(pub: Publisher) -> tuple[SSEStream, SSEStream, SSEStream]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
+            good, good_task = open_stream(http, gateway.url, ["good"])
+            bad, bad_task = open_stream(http, gateway.url, ["bad"])
+            try:
+                await until_subscribed(good, pub.publish, "good")
+                await until_subscribed(bad, pub.publish, "bad")
+                redis_client.set(f"{prefix}:s:bad", "oops")
+                assert redis_client.client_kill_filter(_type="pubsub") >= 1
+                deadline = time.monotonic() + 15
+                while not any(e.data == "after" for e in good.events):
+                    assert time.monotonic() < deadline, "the other topic got nothing"
+                    assert not good.closed_by_server, "the other topic's stream was ended"
+                    await asyncio.to_thread(pub.publish, "good", "after")
+                    await asyncio.sleep(0.2)
+                await bad.wait_for(lambda s: s.closed_by_server)
+                last = bad.events[-1].id
+            finally:
+                await stop(good_task)
+                await stop(bad_task)
+        again = await collect(gateway.url, ["bad"], lambda s: bool(refusals(s)), last_event_id=last)
+        return good, bad, again
+
+    _, bad, again = asyncio.run(scenario())
+    assert bad.closed_by_server
+    assert [r["reason"] for r in refusals(again)] == ["history_unreadable"]
+    assert again.closed_by_server
+    log = gateway.output()
+    assert "history of topic 'bad' is unreadable" in log, log
+    assert "Traceback" not in log, log
+
+
+def test_malformed_entries_fail_a_replay_clearly_and_only_for_streams_of_that_topic(
+    redis_url: str, prefix: str, redis_client: redis.Redis, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D, bad data stays local: entries written to a topic's stream by something other
+    than the publish script (no frame body) used to crash the replay ("ASGI callable returned
+    without completing response"). Now the stream is answered with a ``refused`` event naming
+    the reason, one log line names the topic, and other topics replay as before."""
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    with Publisher.from_url(redis_url, prefix=prefix) as pub:
+        fine = pub.publish("fine", "kept")
+        pub.publish("odd", "kept too")
+    redis_client.xadd(f"{prefix}:s:odd", {"x": "y"})
+
+    async def scenario() -> tuple[SSEStream, SSEStream]:
+        odd = await collect(gateway.url, ["odd", "fine"], ended, last_event_id="0-0")
+        other = await collect(
+            gateway.url, ["fine"], lambda s: len(s.events) >= 1, last_event_id="0-0"
+        )
+        return odd, other
+
+    odd, other = asyncio.run(scenario())
+    assert [r["reason"] for r in refusals(odd)] == ["history_unreadable"]
+    assert odd.closed_by_server
+    assert [e.id for e in other.events] == [fine]
+    log = gateway.output()
+    assert "history of topic 'odd' is unreadable" in log, log
+    assert "Traceback" not in log, log
+    assert "without completing" not in log, log
+
+
+# -- The clock -----------------------------------------------------------------------------------
+
+
+def test_a_garbage_clock_gives_a_clear_answer_not_a_crash(
+    redis_url: str, prefix: str, redis_client: redis.Redis, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D, the clock: a clock key that holds no event id used to crash every stream
+    ("ASGI callable returned without completing response"). Now a stream is answered with a
+    ``refused`` event it retries, and the log says which key holds what."""
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    with Publisher.from_url(redis_url, prefix=prefix) as pub:
+        pub.publish("t", "before")
+    redis_client.set(f"{prefix}:clock", "garbage")
+
+    async def scenario() -> list[SSEStream]:
+        resumed = await collect(gateway.url, ["t"], ended, last_event_id="0-0")
+        return [resumed, await collect(gateway.url, ["t"], ended)]
+
+    for stream in asyncio.run(scenario()):
+        assert [r["reason"] for r in refusals(stream)] == ["engine_unavailable"]
+        assert stream.closed_by_server
+    log = gateway.output()
+    assert f"the clock key '{prefix}:clock' holds b'garbage'" in log, log
+    assert "Traceback" not in log, log
+    assert "without completing" not in log, log
+
+
+def test_start_up_warns_about_an_eviction_policy_and_missing_replicas(
+    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D: at start-up the node warns when Redis may evict the clock (an allkeys-*
+    ``maxmemory-policy``) and when ``--publish-replicas`` asks for more replicas than are
+    attached."""
+    with own_redis(redis_binary, "--maxmemory-policy", "allkeys-lru") as server:
+        gateway = gateway_factory(
+            "--prefix", prefix, "--publish-replicas", "1", redis_url=server.url
+        )
+        wait_until(lambda: "replica(s) attached" in gateway.output(), "the replicas warning")
+        log = gateway.output()
+        assert "maxmemory-policy is allkeys-lru" in log, log
+        assert f"'{prefix}:clock'" in log, log
+        assert "--publish-replicas 1, but Redis has 0 replica(s) attached" in log, log
+
+
+def test_start_up_checks_tolerate_a_redis_that_refuses_config(
+    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D: a managed Redis may disable CONFIG; the node starts and serves anyway."""
+    with own_redis(redis_binary, "--rename-command", "CONFIG", '""') as server:
+        gateway = gateway_factory("--prefix", prefix, redis_url=server.url)
+        assert readyz(gateway.url)[0] == 200
+        assert "maxmemory-policy" not in gateway.output()
+
+
+# -- A full Redis ------------------------------------------------------------------------------
+
+
+def test_replays_keep_working_when_redis_refuses_writes_and_readiness_says_so(
+    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 D, a full Redis: at ``maxmemory`` under ``noeviction`` every replay used to
+    fail (Redis refuses commands queued in MULTI) while /readyz said ready. Now replays read
+    without transactions and keep working; /readyz stays 200 (streams are served) and says
+    that publishing is refused."""
+    with own_redis(redis_binary, "--maxmemory-policy", "noeviction") as srv:
+        with Publisher.from_url(srv.url, prefix=prefix) as pub:
+            ids = [pub.publish(["full", "other"], f"e{i}") for i in range(50)]
+        gateway = gateway_factory("--prefix", prefix, redis_url=srv.url)
+        filler = redis.Redis.from_url(srv.url)
+        try:
+            for i in range(40):
+                filler.set(f"{prefix}:filler:{i}", b"x" * 65536)
+            # Full: more data than maxmemory allows, and nothing may be evicted.
+            filler.config_set("maxmemory", "1mb")
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                filler.set(f"{prefix}:filler:more", b"x")
+        finally:
+            filler.close()
+
+        stream = asyncio.run(
+            collect(gateway.url, ["full", "other"], lambda s: len(s.events) >= 50,
+                    last_event_id="0-0")
+        )  # fmt: skip
+        assert [e.id for e in stream.events] == ids
+        assert not refusals(stream)
+        status, body = readyz(gateway.url)
+        assert status == 200, body
+        assert body["publish"] == "refused"
+        assert body["publish_error"] == "out_of_memory"
+        assert body["link"] == "up"
