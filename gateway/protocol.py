@@ -15,8 +15,12 @@ tests/gateway/test_connection_limits.py runs real connections through them):
   server_state=..., app_state=..., _loop=...)`` and ``uvicorn.Config(http=<class>)`` uses the
   class as given;
 - ``HttpToolsProtocol``: ``connection_made``, ``connection_lost``, ``data_received`` and the
-  parser callbacks ``on_message_begin`` (which creates ``self.scope``) and
-  ``on_headers_complete``; attributes ``transport``, ``client`` and ``loop``;
+  parser callbacks ``on_message_begin`` (which creates ``self.scope``), ``on_url``,
+  ``on_header`` and ``on_headers_complete`` (which runs ``self.app`` for the request);
+  attributes ``app``, ``cycle``, ``transport``, ``client`` and ``loop``;
+- ``RequestResponseCycle`` of httptools: ``send``, ``transport``, ``flow``, ``scope``,
+  ``response_started``, ``response_complete``, ``chunked_encoding`` (a pre-set ``False`` means no
+  chunked framing), ``keep_alive``, ``disconnected``, ``message_event`` and ``on_response``;
 - ``H11Protocol``: ``connection_made``, ``connection_lost``, ``data_received`` and
   ``handle_events`` (which sets ``self.scope`` for each request); attributes ``conn`` (an
   ``h11.Connection``), ``transport``, ``client`` and ``loop``; its head size is bounded by
@@ -26,6 +30,7 @@ tests/gateway/test_connection_limits.py runs real connections through them):
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 from typing import Any
 
@@ -107,11 +112,28 @@ class HeadGuard:
         self.transport.close()
 
 
+def _answer(status: int, error: str, message: str) -> Any:
+    """An ASGI app that answers every request with this JSON error and closes."""
+    body = orjson.dumps({"error": error, "message": message})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
 class HttpToolsGuard(HeadGuard):
     """Mixed into uvicorn's ``HttpToolsProtocol`` by :func:`protocol_class`."""
 
     client: tuple[str, int] | None
     scope: Any
+    app: Any
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -136,12 +158,85 @@ class HttpToolsGuard(HeadGuard):
         self.scope.setdefault("extensions", {})[PEER_EXTENSION] = self.client
         self._head_begun = True
         self._reading_head = True
+        self._head_size = 0
         self._arm_head_timer()
 
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)  # type: ignore[misc]
+        self._head_size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        super().on_header(name, value)  # type: ignore[misc]
+        self._head_size += len(name) + len(value) + 4
+
     def on_headers_complete(self) -> None:
+        """A complete head over the bound is answered 431 whatever the reads it came in (the
+        byte count above only catches unfinished ones): the app never sees it."""
         self._reading_head = False
         self._head_done()
-        super().on_headers_complete()  # type: ignore[misc]
+        app = self.app
+        if self._head_size > self.max_head_bytes:
+            self.app = _answer(
+                431, "headers_too_large",
+                f"the request head must be at most {self.max_head_bytes} bytes",
+            )  # fmt: skip
+        try:
+            super().on_headers_complete()  # type: ignore[misc]
+        finally:
+            self.app = app
+        cycle = getattr(self, "cycle", None)
+        if self.scope.get("http_version") == "1.0" and type(cycle) is _httptools_cycle():
+            cycle.__class__ = _close_delimited_cycle()
+
+
+def _httptools_cycle() -> type[Any]:
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    return RequestResponseCycle
+
+
+@functools.cache
+def _close_delimited_cycle() -> type[Any]:
+    """uvicorn's httptools cycle, except that a response to an HTTP/1.0 request without a
+    ``Content-Length`` is delimited by closing the connection: HTTP/1.0 has no chunked
+    encoding, and uvicorn would chunk it (an HTTP/1.0 client shows the chunk sizes as data).
+    h11 frames HTTP/1.0 responses this way by itself."""
+
+    class CloseDelimitedCycle(_httptools_cycle()):  # type: ignore[misc]
+        close_delimited = False
+        response_complete: bool
+
+        async def send(self, message: Any) -> None:
+            if not self.response_started and message["type"] == "http.response.start":
+                names = {bytes(name).lower() for name, _ in message.get("headers", [])}
+                if not (
+                    names & {b"content-length", b"transfer-encoding"}
+                    or self.scope["method"] == "HEAD"
+                    or message["status"] in (204, 304)
+                ):
+                    self.close_delimited = True
+                    self.chunked_encoding = False  # uvicorn then adds no chunked framing
+                    self.keep_alive = False
+            elif self.close_delimited and message["type"] == "http.response.body":
+                await self._send_raw(message)
+                return
+            await super().send(message)
+
+        async def _send_raw(self, message: Any) -> None:
+            if self.response_complete:
+                raise RuntimeError("response already completed")
+            if self.flow.write_paused and not self.disconnected:
+                await self.flow.drain()
+            if self.disconnected:
+                return
+            self.transport.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                self.response_complete = True
+                self.message_event.set()
+                self.transport.close()
+                self.on_response()
+
+    return CloseDelimitedCycle
 
 
 class H11Guard(HeadGuard):
@@ -189,9 +284,10 @@ def protocol_class(http: str, header_timeout: float, max_head_bytes: int) -> typ
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol": (
-        "connection_made", "connection_lost", "data_received", "on_message_begin",
-        "on_headers_complete",
+        "connection_made", "connection_lost", "data_received", "on_message_begin", "on_url",
+        "on_header", "on_headers_complete",
     ),
+    "uvicorn.protocols.http.httptools_impl:RequestResponseCycle": ("send", "run_asgi"),
     "uvicorn.protocols.http.h11_impl:H11Protocol": (
         "connection_made", "connection_lost", "data_received", "handle_events",
     ),
@@ -212,8 +308,9 @@ def check_uvicorn() -> None:
                 continue  # h11 is used instead
             raise
         missing = [name for name in methods if not callable(getattr(cls, name, None))]
-        parameters = inspect.signature(cls.__init__).parameters
-        missing += [f"__init__({name}=)" for name in INIT_PARAMETERS if name not in parameters]
+        if class_name.endswith("Protocol"):
+            parameters = inspect.signature(cls.__init__).parameters
+            missing += [f"__init__({name}=)" for name in INIT_PARAMETERS if name not in parameters]
         if missing:
             raise RuntimeError(
                 f"this uvicorn's {class_name} lacks {', '.join(missing)}: gateway/protocol.py "

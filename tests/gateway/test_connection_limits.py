@@ -161,3 +161,21 @@ def test_the_uvicorn_internals_the_limits_rely_on_are_there() -> None:
         assert cls.header_timeout == 3.0
         assert cls.max_head_bytes == 100 + 100 + 8192
         assert PEER_EXTENSION == "sse_gateway.peer"
+
+
+def test_a_complete_head_over_the_bound_is_a_431_however_it_arrives(node: GatewayProcess) -> None:
+    """Issue 10 E, unbounded header bytes: a complete head over the bound gets the same JSON
+    431 whether it came in one read or many, and the app never sees it."""
+    head = HEAD_START + b"X-Big: " + b"x" * 40_000 + b"\r\n\r\n"
+    for pieces in ([head], [head[i : i + 1000] for i in range(0, len(head), 1000)]):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            for piece in pieces:
+                with contextlib.suppress(OSError):
+                    sock.sendall(piece)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    answer += chunk
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        if len(pieces) == 1:
+            assert b'"error":"headers_too_large"' in answer, answer[:300]
