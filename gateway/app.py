@@ -51,6 +51,8 @@ from publisher._schema import check_topic
 log = logging.getLogger("gateway")
 
 DRAIN_TICK = 0.05
+READY_CHECK_INTERVAL = 0.5
+READY_CHECK_TIMEOUT = 5.0
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -123,9 +125,11 @@ def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
             field = "idempotency_key"
             raise bad_request("invalid_idempotency_key", str(exc), field=field) from None
     try:
-        return make_message(topics, body["data"], event, key)
+        message = make_message(topics, body["data"], event, key)
     except ValueError as exc:
         raise bad_request("invalid_data", str(exc), field="data") from None
+    # Without a key no retry can name this publish: nothing to remember.
+    return message if key is not None else dataclasses.replace(message, remember=False)
 
 
 class Gateway:
@@ -149,6 +153,7 @@ class Gateway:
             settings, self.engine, self.hub, self.metrics, self.authorizer, self.cors
         )
         self.publish_rate = PublishRate(settings.publish_rate)
+        self.announcing: asyncio.Task[None] | None = None
 
     @property
     def draining(self) -> bool:
@@ -193,7 +198,7 @@ class Gateway:
         await self.engine.start()
         await self.hub.start()
         await self.authorizer.start()
-        log.info("sse-gateway ready: %s", describe_engine(self.settings))
+        log.info("sse-gateway starting: %s", describe_engine(self.settings))
         if not self.settings.auth_enabled:
             log.warning(
                 "no token key configured: anyone who reaches this node may read every topic"
@@ -206,10 +211,35 @@ class Gateway:
         try:
             yield
         finally:
+            if self.announcing is not None:
+                self.announcing.cancel()
             self.begin_shutdown()
             await self.hub.close()
             await self.engine.close()
             await self.authorizer.close()
+
+    def listening(self) -> None:
+        """Called once the port is bound: say "ready" when the engine is too."""
+        self.announcing = asyncio.create_task(self._announce_ready(), name="sse-gateway ready")
+
+    async def _announce_ready(self) -> None:
+        """Log "ready" only when the node can serve: listening, and its engine reachable
+        (before, "ready" came before the port was bound, and while Redis was down)."""
+        waiting = False
+        while True:
+            try:
+                ready = await asyncio.wait_for(self.engine.ready(), READY_CHECK_TIMEOUT)
+            except Exception as exc:
+                ready, reason = False, f"{type(exc).__name__}: {exc}"
+            else:
+                reason = "not reachable"
+            if ready:
+                log.info("sse-gateway ready: %s", describe_engine(self.settings))
+                return
+            if not waiting:
+                log.warning("waiting for the engine (%s): %s", self.engine.name, reason[:300])
+                waiting = True
+            await asyncio.sleep(READY_CHECK_INTERVAL)
 
     async def publish(self, request: Request) -> Response:
         """Idempotency keys are scoped to the caller (see ``idempotency_scope``); failures
@@ -310,6 +340,9 @@ class Gateway:
         return StreamRouter(self.stream, routes_app, self.cors, guards_host(self.settings))
 
 
+NOT_FOUND = HTTPError(404, "not_found", "no such route (paths are matched as sent, undecoded)")
+
+
 class StreamRouter:
     """Sends ``/events`` straight to the stream handler, everything else to Starlette.
 
@@ -329,6 +362,11 @@ class StreamRouter:
         if scope["type"] == "http":
             if self.guard_host and (refusal := host_not_allowed(scope)) is not None:
                 await refusal(scope, receive, send)
+                return
+            if b"%" in (scope.get("raw_path") or b""):
+                # Routes are matched on the path as sent, as a proxy in front matches them:
+                # ``/%70ublish`` is not ``/publish`` (no route has an escaped character).
+                await NOT_FOUND(scope, receive, send)
                 return
             if self.cors.enabled and self.cors.is_preflight(scope):
                 await self.cors.preflight(scope, receive, send)

@@ -146,9 +146,18 @@ def grant_from_claims(claims: dict[str, Any]) -> Grant:
     subject = claims.get("sub")
     if not isinstance(subject, str) or not subject:
         raise invalid_token("claim 'sub' must be a non-empty string")
+    for name in ("exp", "nbf", "iat"):
+        # PyJWT converts a string "exp" with int() when it checks it, but a stream's expiry
+        # timer needs a number: "exp": "1795..." would never end the stream.
+        if name in claims and not _is_number(claims[name]):
+            raise invalid_token(f"claim {name!r} must be a number")
     exp = claims.get("exp")
-    expires = exp if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+    expires = exp if _is_number(exp) else None
     return Grant(subject, expires, _patterns(claims, "subscribe"), _patterns(claims, "publish"))
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _algorithms_for(key: Any) -> tuple[str, ...]:
@@ -159,6 +168,18 @@ def _algorithms_for(key: Any) -> tuple[str, ...]:
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return EDDSA_ALGORITHMS
     return ()
+
+
+def read_secret_file(path: str) -> bytes:
+    """A secret from a file (its trailing line break dropped); a clear startup error if the
+    file cannot be read or holds nothing."""
+    try:
+        secret = Path(path).read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise SystemExit(f"--jwt-secret-file {path}: {exc.strerror or exc}") from None
+    if not secret:
+        raise SystemExit(f"--jwt-secret-file {path}: the file is empty")
+    return secret
 
 
 def load_public_key(path: str) -> Any:
@@ -185,7 +206,7 @@ def default_algorithms(settings: Settings) -> tuple[str, ...]:
     if settings.jwt_algorithms:
         return settings.jwt_algorithms
     chosen: tuple[str, ...] = ()
-    if settings.jwt_secret:
+    if settings.jwt_secret or settings.jwt_secret_file:
         chosen += HMAC_ALGORITHMS
     if settings.jwt_public_key or settings.jwks_url:
         chosen += PUBLIC_KEY_ALGORITHMS
@@ -197,6 +218,7 @@ class TokenVerifier:
 
     def __init__(self, settings: Settings) -> None:
         self.secrets = [secret.encode() for secret in settings.jwt_secret]
+        self.secrets += [read_secret_file(path) for path in settings.jwt_secret_file]
         if any(len(secret) < MIN_SECRET_BYTES for secret in self.secrets):
             log.warning(
                 "a --jwt-secret is shorter than %d bytes: it can be guessed offline from any "
@@ -332,10 +354,15 @@ class Authorizer:
 
 
 def bearer_token(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The ``Authorization: Bearer`` token. Another scheme (``Basic`` from a proxy's own login,
+    say) is not meant for the gateway and is ignored, so a query or cookie token still counts;
+    a ``Bearer`` without a token is a 401."""
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() != "bearer" or not token.strip():
+            if scheme.lower() != "bearer":
+                continue
+            if not token.strip():
                 raise invalid_token("the Authorization header must be 'Bearer <token>'")
             return token.strip()
     return None

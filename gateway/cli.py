@@ -36,6 +36,11 @@ class GatewayServer(uvicorn.Server):
         super().__init__(config)
         self.gateway = gateway
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:  # the port is bound (uvicorn exits on a bind error)
+            self.gateway.listening()
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.gateway.drain(self.gateway.settings.drain_seconds)
         await super().shutdown(sockets)

@@ -74,6 +74,10 @@ class Settings:
     jwt_secret: tuple[str, ...] = _opt(
         (), "HMAC secret that verifies tokens; repeat to accept several (rotation)", split=False
     )
+    jwt_secret_file: tuple[str, ...] = _opt(
+        (), "file holding an HMAC secret, read at start (repeatable; keeps it out of ps)",
+        split=False,
+    )  # fmt: skip
     jwt_public_key: tuple[str, ...] = _opt(
         (), "PEM file with a public key or certificate that verifies tokens (repeatable)"
     )
@@ -119,7 +123,7 @@ class Settings:
     @property
     def auth_enabled(self) -> bool:
         """Any key is configured: reading non-public topics and publishing need a token."""
-        return bool(self.jwt_secret or self.jwt_public_key or self.jwks_url)
+        return bool(self.jwt_secret or self.jwt_secret_file or self.jwt_public_key or self.jwks_url)
 
     @property
     def engine_name(self) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 import jwt
 
 from gateway.errors import HTTPError
+from gateway.logs import redact, redact_url
 
 log = logging.getLogger("gateway.auth")
 
@@ -109,7 +110,12 @@ class JwksCache:
                 asyncio.to_thread(fetch_keys, self.url, self.timeout), self.timeout + 1
             )
         except Exception as exc:
-            log.warning("JWKS fetch from %s failed: %s: %s", self.url, type(exc).__name__, exc)
+            log.warning(
+                "JWKS fetch from %s failed: %s: %s",
+                redact_url(self.url),
+                type(exc).__name__,
+                redact(str(exc).replace(self.url, redact_url(self.url))),
+            )
             return
         self._keys = keys
         self._fetched_at = time.monotonic()

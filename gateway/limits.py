@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import re
 import time
@@ -19,34 +20,42 @@ MAX_TRACKED_KEYS = 100_000
 class RateLimiter:
     """Token buckets keyed by client address or subject; ``rate`` tokens per second.
 
-    Idle buckets are full buckets, so they are forgotten when the table grows: memory stays
-    bounded however many addresses an attacker uses."""
+    The table holds at most ``max_keys`` buckets, kept in the order they were last used. When
+    a new key finds it full, the buckets that have refilled (a full bucket is the same as no
+    bucket) are forgotten; if none has, the least recently used hundredth goes, those nearest
+    to full. A flood of new keys never resets everyone's buckets at once (which handed every
+    limited client a fresh burst), and memory stays bounded however many keys arrive."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, max_keys: int = MAX_TRACKED_KEYS) -> None:
         self.rate = rate
         self.burst = float(burst)
+        self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
 
     def acquire(self, key: str, now: float | None = None) -> float:
         """Take one token; return 0 if granted, else the seconds until one is available."""
         now = time.monotonic() if now is None else now
-        tokens, stamp = self._buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        entry = self._buckets.pop(key, None)
+        if entry is None:
+            if len(self._buckets) >= self.max_keys:
+                self._make_room(now)
+            tokens = self.burst
+        else:
+            tokens = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
         if tokens < 1.0:
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
-        if len(self._buckets) >= MAX_TRACKED_KEYS and key not in self._buckets:
-            self._forget_full(now)
         self._buckets[key] = (tokens - 1.0, now)
         return 0.0
 
-    def _forget_full(self, now: float) -> None:
-        refill = self.burst / self.rate
-        for key, (_, stamp) in list(self._buckets.items()):
-            if now - stamp >= refill:
+    def _make_room(self, now: float) -> None:
+        for key, (tokens, stamp) in list(self._buckets.items()):
+            if tokens + (now - stamp) * self.rate >= self.burst:
                 del self._buckets[key]
-        if len(self._buckets) >= MAX_TRACKED_KEYS:
-            self._buckets.clear()
+        if len(self._buckets) >= self.max_keys:
+            stalest = list(itertools.islice(self._buckets, max(1, self.max_keys // 100)))
+            for key in stalest:
+                del self._buckets[key]
 
     def __len__(self) -> int:
         return len(self._buckets)

@@ -327,11 +327,6 @@ class EventStream:
         except TimeoutError:
             sub.close("send_timeout")
             return
-        if replay.gaps and not sub.closed:
-            # Retention removed events this replay had not read yet: end the stream at the
-            # last event before the gap, so the reconnect (from there) is told ``reset``.
-            log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
-            sub.close("history_lost", self.retry_hint())
         try:
             await self._write_live(sub, send)
         except TimeoutError:
@@ -397,6 +392,13 @@ class EventStream:
                 page = await replay.next_page()
             else:
                 break
+        if replay.gaps and not sub.closed:
+            # Retention removed events this replay had not read yet: end the stream at the
+            # last event before the gap (nothing held is sent), so the client's reconnect from
+            # there is told ``reset``.
+            log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
+            sub.close("history_lost", self.retry_hint())
+            return
         if skipped:
             sub.last_key = after
             chunks.append(sub.position_line())
