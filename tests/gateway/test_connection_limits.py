@@ -14,6 +14,7 @@ import contextlib
 import socket
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -179,3 +180,50 @@ def test_a_complete_head_over_the_bound_is_a_431_however_it_arrives(node: Gatewa
         assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
         if len(pieces) == 1:
             assert b'"error":"headers_too_large"' in answer, answer[:300]
+
+
+def test_the_h11_fallback_has_the_same_limits_and_records_the_peer() -> None:
+    """Without httptools uvicorn speaks h11: the header timeout and the peer record hold there
+    too (its head size is bounded by ``h11_max_incomplete_event_size``)."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from tests.support.ports import free_port
+
+    peers: list[object] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        peers.append((scope.get("extensions") or {}).get(PEER_EXTENSION))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, lifespan="off", log_level="warning",
+        http=protocol_class("h11", 0.5, head_bound(100, 100)),
+        h11_max_incomplete_event_size=head_bound(100, 100),
+    )  # fmt: skip
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 204 ")
+            assert peers == [("127.0.0.1", sock.getsockname()[1])], peers
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            answer = b""
+            while chunk := slow.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    finally:
+        server.should_exit = True
+        thread.join(10)
