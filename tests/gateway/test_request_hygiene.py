@@ -276,3 +276,23 @@ def test_ready_is_logged_only_once_the_port_is_bound_and_the_engine_reachable() 
     )
     assert "waiting for the engine" in output, output
     assert "sse-gateway ready" not in output, output
+
+
+def test_ipv6_clients_are_limited_by_their_64() -> None:
+    """Issue 10 E: the per-address connect rate keyed IPv6 clients by their full address, so
+    one host (which usually holds a whole /64) dodged it by changing address. Addresses come
+    from ``X-Forwarded-For`` of the trusted loopback proxy here."""
+    env = {"SSE_GATEWAY_CONNECT_RATE": "1", "SSE_GATEWAY_CONNECT_RATE_PER_ADDRESS": "1"}
+    gateway = GatewayProcess(env=env)
+    try:
+        gateway.start()
+
+        def status(address: str) -> int:
+            return first_bytes(f"{gateway.url}/events?topic=v6", {"x-forwarded-for": address})[0]
+
+        same_64 = [status(f"2001:db8:0:7::{n}") for n in range(1, 5)]
+        assert same_64[:2] == [200, 200], same_64
+        assert 429 in same_64[2:], same_64
+        assert status("2001:db8:0:8::1") == 200
+    finally:
+        gateway.close()
