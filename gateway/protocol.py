@@ -104,10 +104,14 @@ class HeadGuard:
         )  # fmt: skip
 
     def _refuse(self, answer: bytes) -> None:
+        """Answer (unless a response is still being written on this connection, which the
+        answer would corrupt) and close."""
         self._head_done()
         if self.transport.is_closing():
             return
-        if answer:
+        cycle = getattr(self, "cycle", None)
+        busy = cycle is not None and not getattr(cycle, "response_complete", True)
+        if answer and not busy:
             self.transport.write(answer)
         self.transport.close()
 
