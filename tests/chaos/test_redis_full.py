@@ -1,7 +1,8 @@
 """Scenario 13 (issue 10 D, a full Redis): Redis runs with ``maxmemory-policy noeviction`` (the
 README's advice) and for 10 s its ``maxmemory`` is below what it holds, so it refuses every
-write (OOM). Meanwhile every client's connection is cut, and a third of the clients come back
-from a pause with events to catch up on.
+write (OOM). Meanwhile every client's connection is cut, a third of the clients come back from
+a pause with events to catch up on, then a node is killed and started again and every
+connection is cut once more.
 
 Reads keep working when Redis refuses writes: each client's replay arrives during the 10 s and
 its stream stays open. Publishes fail at once with an error that says Redis is out of memory
@@ -11,6 +12,7 @@ publishing resumes and the strict invariant holds for everything acknowledged.""
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 
 import httpx
@@ -37,7 +39,7 @@ from tests.support.gateway import GatewayProcess
 TOPICS = [f"full{i}" for i in range(5)]
 FULL_FOR = 10.0
 REPLAY_DEADLINE = 6.0
-"""Seconds after the cut within which every client has its replay (Redis still full)."""
+"""Seconds after a cut within which every client has its replay (Redis still full)."""
 
 
 def _cut_all(lb: LoadBalancer, nodes: list[GatewayProcess]) -> None:
@@ -54,6 +56,24 @@ def _oom(admin: redis.Redis, key: str) -> bool:
         return True
     admin.delete(key)
     return False
+
+
+def _await_replays(clients: list[SSEClient], before: Ledger, when: str) -> tuple[float, list[str]]:
+    """Wait until every client is connected and has everything acknowledged before Redis
+    filled up; return how long that took, and what went wrong."""
+    began = time.monotonic()
+    try:
+        wait_until(
+            lambda: all(c.connected and c.last_key >= before.newest(c.topics) for c in clients),
+            REPLAY_DEADLINE,
+            "every client to have its replay",
+        )
+    except TimeoutError as exc:
+        behind = [c.describe() for c in clients if c.last_key < before.newest(c.topics)]
+        return time.monotonic() - began, [
+            f"{when}: {exc} while Redis is full: {len(behind)} behind: {behind[:3]}"
+        ]
+    return time.monotonic() - began, []
 
 
 def _closes(clients: list[SSEClient]) -> list[int]:
@@ -83,16 +103,17 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
         _cut_all(lb, nodes)
         chaos.pool.resume(away)
         cut_at = time.monotonic()
-        try:
-            wait_until(
-                lambda: all(c.connected and c.last_key >= before.newest(c.topics) for c in clients),
-                REPLAY_DEADLINE,
-                "every client to have its replay",
-            )
-        except TimeoutError as exc:
-            behind = [c.describe() for c in clients if c.last_key < before.newest(c.topics)]
-            problems.append(f"{exc} while Redis is full: {len(behind)} behind: {behind[:3]}")
-        replayed = time.monotonic() - cut_at
+        replayed, found = _await_replays(clients, before, "after the cut")
+        problems.extend(found)
+        # A node restarted while Redis is full starts, and serves the replays of its share.
+        nodes[1].stop(signal.SIGKILL)
+        began = time.monotonic()
+        nodes[1] = chaos.restart(nodes[1])
+        restarted = time.monotonic() - began
+        _cut_all(lb, nodes)
+        replayed_again, found = _await_replays(clients, before, "after a node restart")
+        problems.extend(found)
+        on_restarted = lb.open_to(nodes[1].port)
         closes = _closes(clients)
         http = httpx.post(
             nodes[0].url + "/publish",
@@ -111,15 +132,18 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
 
     ledger = Ledger([publisher])
     wait_caught_up(clients, ledger, 15)
+    chaos.pool.pause(clients)  # the restarted node, closed first, then has no streams to drain
     print(
         summary(clients, ledger),
-        f"replays while full: {replayed:.1f}s; {refused} publishes refused; "
+        f"replays while full: {replayed:.1f}s, after a node restart ({restarted:.1f}s, "
+        f"{on_restarted} clients on it) {replayed_again:.1f}s; {refused} publishes refused; "
         f"HTTP publish: {http.status_code} {http.text[:200]}; "
         f"direct publish: {publisher.failed[0][2][:200]}; "
         f"/readyz while full: {readiness.status_code} {readiness.text[:200]}",
     )
     assert still_full, "Redis accepted writes before the end of the fault: the test proves less"
     assert not problems, "\n".join(problems)
+    assert on_restarted, "no client reached the restarted node: the test proves less"
     assert not ended, f"{len(ended)} streams ended while Redis was full: {ended[:3]}"
     unclear = [error for _, _, error in publisher.failed if "memory" not in error.lower()]
     assert not unclear, f"publishes failed without saying why: {unclear[:3]}"
