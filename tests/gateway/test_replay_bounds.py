@@ -15,10 +15,12 @@ import threading
 import time
 
 import httpx
+import orjson
 import pytest
 
 from gateway.client import EventParser, ServerEvent, stream_url
 from tests.conftest import GatewayFactory, NodeFactory
+from tests.support.sse import collect
 
 ATTACK_TOPICS = [f"history:{i}" for i in range(8)]
 ATTACK_EVENTS = 2000
@@ -202,3 +204,59 @@ def test_a_stream_without_position_starts_live_whatever_the_history(
     events = asyncio.run(scenario())
     assert events
     assert all(e.data == "new" for e in events)
+
+
+def test_history_trimmed_under_a_slow_replay_ends_it_before_the_gap_then_reset(
+    redis_url: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 10 B, never a silent gap: a replay is read page by page, so retention may trim
+    what it has not read yet (a client that reads slowly while many events are published).
+    The replay then ends at the last event before the gap, with no event after it, and the
+    client's reconnect from there is told ``reset`` (trimmed)."""
+    from publisher import Publisher, Retention
+
+    body = "g" * 4096
+    retention = Retention(2000, 0)
+    gateway = gateway_factory(
+        "--prefix", prefix, "--max-events", "2000", "--send-timeout", "60", redis_url=redis_url
+    )
+    with Publisher.from_url(redis_url, prefix=prefix, retention=retention) as pub:
+        history = []
+        for _ in range(8):
+            history += pub.publish_many(("g", body) for _ in range(250))
+
+        async def scenario() -> tuple[list[ServerEvent], bool]:
+            parser = EventParser()
+            events: list[ServerEvent] = []
+            small = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)]
+            transport = httpx.AsyncHTTPTransport(socket_options=small)
+            url = stream_url(gateway.url, ["g"], None, None)
+            headers = {"accept": "text/event-stream", "last-event-id": "0-0"}
+            async with (
+                httpx.AsyncClient(transport=transport, timeout=httpx.Timeout(30)) as client,
+                client.stream("GET", url, headers=headers) as response,
+            ):
+                chunks = response.aiter_raw()
+                async for chunk in chunks:
+                    events.extend(parser.feed(chunk))
+                    if events:
+                        break
+                # The replay is stuck on this client: trim everything it has not read yet.
+                started = time.monotonic()
+                for _ in range(9):
+                    await asyncio.to_thread(pub.publish_many, (("g", body) for _ in range(250)))
+                print(f"trimmed in {time.monotonic() - started:.1f} s")
+                async for chunk in chunks:
+                    events.extend(parser.feed(chunk))
+            return events, True
+
+        events, _ = asyncio.run(scenario())
+    received = [e.id for e in events]
+    assert received, "nothing was replayed"
+    assert received == history[: len(received)], "the replay is not a prefix of the history"
+    assert len(received) < len(history), "the whole history was replayed"
+    again = asyncio.run(
+        collect(gateway.url, ["g"], lambda s: bool(s.events), last_event_id=received[-1])
+    )
+    assert again.events[0].event == "reset"
+    assert orjson.loads(again.events[0].data) == {"reason": "trimmed", "topics": ["g"]}
