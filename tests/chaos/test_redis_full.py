@@ -76,6 +76,15 @@ def _await_replays(clients: list[SSEClient], before: Ledger, when: str) -> tuple
     return time.monotonic() - began, []
 
 
+def _error(response: httpx.Response) -> str:
+    """The ``error`` of a JSON error body ('' when the body is not one)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    return str(body.get("error") or "") if isinstance(body, dict) else ""
+
+
 def _closes(clients: list[SSEClient]) -> list[int]:
     return [c.server_closes for c in clients]
 
@@ -149,7 +158,7 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
     assert not unclear, f"publishes failed without saying why: {unclear[:3]}"
     assert publisher.slowest < 3, f"a refused publish took {publisher.slowest:.1f}s (retried?)"
     assert http.status_code >= 400, f"POST /publish while full: {http.status_code} {http.text}"
-    assert http.json().get("error"), http.text
+    assert _error(http), f"POST /publish while full is not a JSON error: {http.text[:300]}"
     assert SCRIPT_SHA not in http.text, f"POST /publish while full leaks internals: {http.text}"
     failed = {tag for tag, _, _ in publisher.failed}
     with contextlib.closing(server.client()) as admin:
