@@ -130,8 +130,8 @@ class Replay:
     ``reset``; a gap seen later (retention trimmed what was not yet read) ends the replay at the
     last id before it, and :attr:`gaps` names the topic.
 
-    ``limit`` is the clock read when the replay began: later ids arrive live. :meth:`extend`
-    moves it to the clock of now, for a caller that could not keep the live frames meanwhile.
+    :attr:`clock` is read when the replay begins: later ids arrive live. :meth:`extend` moves
+    it to the clock of now, for a caller that could not keep the live frames meanwhile.
     """
 
     def __init__(
@@ -221,6 +221,8 @@ class Replay:
         count = max(1, min(REPLAY_PAGE, int(self.page_bytes / size / len(wanted))))
         results = await self.history.read([(t, self._last[t], count) for t in wanted])
         for topic, result in zip(wanted, results, strict=True):
+            if self._stop is not None:
+                return
             if isinstance(result, HistoryBroken):
                 if not self.drop_broken:
                     raise result
@@ -237,7 +239,7 @@ class Replay:
             if prev > last:
                 if self._opening:
                     self._missing[topic] = max(self._missing[topic], prev)
-                elif prev <= self.clock:  # a later one was live: the hub holds it
+                else:
                     self._gap(topic, last)
                     return
             if frame.key > self.clock:
@@ -256,8 +258,10 @@ class Replay:
             self._drop(topic)
             return
         # Nothing after the last entry before the gap may be sent: the client's position would
-        # pass the gap and its reconnect would not be told ``reset``.
-        self._stop = min(last, self._stop if self._stop is not None else last)
+        # pass the gap and its reconnect would not be told ``reset``. Nor after what the other
+        # topics have been read up to.
+        others = [self._last[t] for t in self.topics if t != topic and not self._done[t]]
+        self._stop = min([last, *others])
         for name in self.topics:
             self._done[name] = True
 
