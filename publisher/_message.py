@@ -28,6 +28,10 @@ class Message:
     scope: str = ""
     """Whose key it is: a key names one publish of one publisher to one set of topics (the
     gateway sets the token subject; direct Redis publishers share the empty scope)."""
+    remember: bool = True
+    """Whether the id is remembered under the key. The gateway does not remember the random
+    keys it makes for publishes sent without one: no client could retry with them, and a
+    flood of publishes would leave one key per event for the idempotency TTL."""
 
     @property
     def idempotency_digest(self) -> str:

@@ -224,7 +224,7 @@ def script_call(
         message.body,
         retention.max_events,
         int(retention.max_age * 1000),
-        max(1, int(idempotency_ttl * 1000)),
+        max(1, int(idempotency_ttl * 1000)) if message.remember else 0,
         prior,
         *(keys.channel(t) for t in message.topics),
     ]

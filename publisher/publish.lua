@@ -19,7 +19,7 @@
 --
 -- KEYS[1] clock, KEYS[2] origin, KEYS[3] idempotency key, KEYS[4..] one stream per topic
 -- ARGV[1] frame body (no id line), ARGV[2] max events per topic, ARGV[3] max age in ms (0: none),
--- ARGV[4] how long the idempotency key is remembered (ms), ARGV[5] the id an earlier attempt of
+-- ARGV[4] how long the idempotency key is remembered (ms; 0: not at all), ARGV[5] the id an earlier attempt of
 -- this publish was given, or '', ARGV[6..] one channel per topic, in the same order as the streams
 -- Returns the id. Refusals: 'WRONGTYPE ...' (a key of another type), 'CLOCK ...' (an id this
 -- script cannot advance past), 'ERR ...' (bad arguments).
@@ -95,7 +95,7 @@ local function whole(value, least)
 end
 
 -- Arguments.
-local max_events, max_age, ttl = whole(ARGV[2], 1), whole(ARGV[3], 0), whole(ARGV[4], 1)
+local max_events, max_age, ttl = whole(ARGV[2], 1), whole(ARGV[3], 0), whole(ARGV[4], 0)
 if #KEYS < 4 or #ARGV - 5 ~= #KEYS - 3 or not max_events or not max_age or not ttl then
   return redis.error_reply('ERR publish: invalid arguments')
 end
@@ -196,5 +196,7 @@ end
 for i = 6, #ARGV do
   redis.call('PUBLISH', ARGV[i], frame)
 end
-redis.call('SET', KEYS[3], event_id, 'PX', ttl)
+if ttl > 0 then
+  redis.call('SET', KEYS[3], event_id, 'PX', ttl)
+end
 return event_id

@@ -191,3 +191,19 @@ def test_the_memory_engine_forgets_quiet_topics_after_the_retention_age() -> Non
         return len(engine._histories)
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_a_publish_without_a_key_leaves_no_key_behind(
+    gateway_factory: GatewayFactory, redis_url: str, redis_client: redis.Redis, prefix: str
+) -> None:
+    """Issue 10 C: no key expiry. A flood of ``POST /publish`` without idempotency keys left
+    one remembered key per event for the idempotency TTL, though no client could ever retry
+    with those keys. Publishes that carry a key are still remembered."""
+    node = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    for n in range(20):
+        assert post(node.url, {"topic": f"t:{n}", "data": n}).status_code == 200
+    assert list(redis_client.scan_iter(match=f"{prefix}:idem:*")) == []
+    keyed = post(node.url, {"topic": "t", "data": 1, "idempotency_key": "k"})
+    again = post(node.url, {"topic": "t", "data": 1, "idempotency_key": "k"})
+    assert again.json()["id"] == keyed.json()["id"]
+    assert len(list(redis_client.scan_iter(match=f"{prefix}:idem:*"))) == 1
