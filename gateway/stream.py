@@ -386,12 +386,16 @@ class EventStream:
                 self.metrics.delivered.inc(sent)
             if page:
                 page = await replay.next_page()
-            elif sub.held_dropped:
-                sub.hold_again()
-                await replay.extend()
-                page = await replay.next_page()
-            else:
-                break
+                continue
+            if skipped and not replay.gaps:
+                sub.last_key = after
+                await self._send(send, sub.position_line())
+                skipped = False
+            if not sub.held_dropped:
+                break  # nothing is awaited from here to go_live: the held frames are whole
+            sub.hold_again()
+            await replay.extend()
+            page = await replay.next_page()
         if replay.gaps and not sub.closed:
             # Retention removed events this replay had not read yet: end the stream at the
             # last event before the gap (nothing held is sent), so the client's reconnect from
@@ -399,11 +403,6 @@ class EventStream:
             log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
             sub.close("history_lost", self.retry_hint())
             return
-        if skipped:
-            sub.last_key = after
-            chunks.append(sub.position_line())
-        if chunks:
-            await self._send(send, b"".join(chunks))
         sub.go_live(after)
 
     async def _write_live(self, sub: Subscriber, send: Send) -> None:
