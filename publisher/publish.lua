@@ -100,30 +100,35 @@ if #KEYS < 4 or #ARGV - 5 ~= #KEYS - 3 or not max_events or not max_age or not t
   return redis.error_reply('ERR publish: invalid arguments')
 end
 
--- Key types.
-local scalars = {{KEYS[1], 'clock'}, {KEYS[2], 'origin'}, {KEYS[3], 'idempotency'}}
-for _, entry in ipairs(scalars) do
-  local kind = redis.call('TYPE', entry[1])['ok']
-  if kind ~= 'string' and kind ~= 'none' then
-    return redis.error_reply(
-      'WRONGTYPE the ' .. entry[2] .. ' key ' .. entry[1] .. ' is a ' .. kind .. ', not a string')
+-- Key types, read with pcall so that a wrong type is refused here, by name, before any write.
+local function string_key(key, what)
+  local value = redis.pcall('GET', key)
+  if type(value) == 'table' and value.err then
+    local kind = redis.call('TYPE', key)['ok']
+    return nil, 'WRONGTYPE the ' .. what .. ' key ' .. key .. ' is a ' .. kind .. ', not a string'
   end
+  return value
 end
-local seen = redis.call('GET', KEYS[3])
+local seen, wrong = string_key(KEYS[3], 'idempotency')
+if wrong then
+  return redis.error_reply(wrong)
+end
 if seen then
   return seen
 end
-for i = 4, #KEYS do
-  local kind = redis.call('TYPE', KEYS[i])['ok']
-  if kind ~= 'stream' and kind ~= 'none' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. kind .. ', not a stream')
-  end
+local last, wrong_clock = string_key(KEYS[1], 'clock')
+if wrong_clock then
+  return redis.error_reply(wrong_clock)
+end
+local origin_kind = redis.call('TYPE', KEYS[2])['ok']
+if origin_kind ~= 'string' and origin_kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE the origin key ' .. KEYS[2] .. ' is a ' .. origin_kind ..
+    ', not a string')
 end
 
 -- The floor: no id at or below the clock, nor at or below any of these streams' last ids
 -- (a clock that was deleted, restored or set back must not make XADD fail half way).
 local floor = nil
-local last = redis.call('GET', KEYS[1])
 if last then
   floor = parse(last)
   if not floor then
@@ -131,10 +136,15 @@ if last then
       ', not an id below 2^53-0 that the next id can follow; repair or delete it')
   end
 end
+-- Each stream's type, its last id and its newest entry (the new entry's back-link).
 local prevs = {}
 for i = 4, #KEYS do
   prevs[i] = '0-0'
-  if redis.call('EXISTS', KEYS[i]) == 1 then
+  local kind = redis.call('TYPE', KEYS[i])['ok']
+  if kind ~= 'stream' and kind ~= 'none' then
+    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' is a ' .. kind .. ', not a stream')
+  end
+  if kind == 'stream' then
     local info = redis.call('XINFO', 'STREAM', KEYS[i])
     for j = 1, #info, 2 do
       if info[j] == 'last-generated-id' then
