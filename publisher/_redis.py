@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 import time
 import urllib.parse
@@ -36,6 +37,8 @@ from redis.exceptions import (
 from publisher._message import Message
 from publisher._retry import Backoff
 from publisher._schema import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys
+
+log = logging.getLogger("publisher")
 
 PUBLISH_SCRIPT = resources.files("publisher").joinpath("publish.lua").read_text("utf-8")
 SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
@@ -258,6 +261,21 @@ class Replication:
             raise ValueError("wait_timeout must be a number of seconds > 0")
         self.replicas = replicas
         self.timeout_ms = max(1, int(timeout * 1000))
+        self.checked = not replicas
+        """Whether the attached replicas were counted (once, at the first publish)."""
+
+    def check(self, attached: int | None) -> None:
+        """Warn once when fewer replicas are attached than each publish waits for: every
+        publish would then wait ``wait_timeout``, be retried and raise ``NotReplicated``."""
+        if attached is None:
+            return
+        self.checked = True
+        if attached < self.replicas:
+            log.warning(
+                "wait_replicas=%d, but the primary has %d replicas attached: publishes are "
+                "stored and delivered, then raise NotReplicated after their retries",
+                self.replicas, attached,
+            )  # fmt: skip
 
     def queue(self, pipe: Any) -> None:
         if self.replicas:
@@ -315,6 +333,8 @@ class RedisTransport:
             return pipe.execute(raise_on_error=False)
 
     def send(self, messages: list[Message]) -> list[str]:
+        if not self.replication.checked:
+            self.replication.check(self._attached())
         backoff = Backoff(self.retry_for)
         priors = [""] * len(messages)
         while True:
@@ -387,6 +407,8 @@ class AsyncRedisTransport:
             return await pipe.execute(raise_on_error=False)
 
     async def send(self, messages: list[Message]) -> list[str]:
+        if not self.replication.checked:
+            self.replication.check(await self._attached())
         backoff = Backoff(self.retry_for)
         priors = [""] * len(messages)
         while True:

@@ -7,6 +7,7 @@ refusal names the problem, writes nothing, and the next publish after a repair w
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
@@ -180,3 +181,21 @@ def test_not_replicated_says_the_event_was_stored_and_delivered(
     assert "stored and delivered" in text
     assert "0 of 1" in text
     assert "0 replicas attached" in text
+
+
+def test_a_publisher_warns_once_when_fewer_replicas_are_attached_than_it_waits_for(
+    own_redis: RedisServer, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 10 D: ``wait_replicas`` with no replicas. The publisher says so at its first
+    publish, instead of only failing each publish after ``retry_for``."""
+    caplog.set_level(logging.WARNING, logger="publisher")
+    with Publisher.from_url(
+        own_redis.url, prefix=prefix, wait_replicas=1, wait_timeout=0.02, retry_for=0
+    ) as pub:
+        for _ in range(3):
+            with pytest.raises(NotReplicated):
+                pub.publish("orders", "x")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "publisher"]
+    assert len(warnings) == 1, warnings
+    assert "wait_replicas=1" in warnings[0]
+    assert "0 replicas attached" in warnings[0]
