@@ -55,6 +55,9 @@ raises "Too many connections" rather than waiting)."""
 PUBLISH_RETRY_FOR = 2.0
 MAX_RECONNECT_DELAY = 2.0
 LINK_TIMEOUT = 5.0
+BACKFILL_HELD_BYTES = 32 << 20
+"""Live frames kept while a reconnected link backfills; past this they are let go and the
+backfill reads on from the streams to a newer clock instead."""
 """Seconds the pub/sub link may take to connect (with its handshake) or to write a command."""
 MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
@@ -208,6 +211,8 @@ class RedisEngine(Engine):
         """Every frame up to this id was delivered live or predates the subscriptions
         (None until the first link is up)."""
         self._held: list[tuple[str, Frame]] | None = None
+        self._held_bytes = 0
+        self._held_dropped = False
         """Live frames that arrive while a reconnected link backfills (None when live)."""
 
     async def start(self) -> None:
@@ -304,7 +309,7 @@ class RedisEngine(Engine):
                 if lost_before:
                     # Pooled command connections may sit on the same dead path: start afresh.
                     await self.client.connection_pool.disconnect(inuse_connections=False)
-                self._held = []
+                self._hold_again()
                 self._conn = conn
                 self._connected.set()
                 recovery = asyncio.create_task(self._recover(conn), name="sse-gateway backfill")
@@ -385,18 +390,17 @@ class RedisEngine(Engine):
         lost = set(reset.topics) if reset is not None else set()
         if lost:
             self.on_lost(sorted(lost))
-        count = 0
-        while runs := await backfill.next_runs():
-            self._lose_broken(backfill, lost)
-            page = sorted(
-                ((frame.key, topic, frame) for topic, run in runs.items() if topic not in lost
-                 for frame in run),
-                key=lambda item: item[0],
-            )  # fmt: skip
-            for _, topic, frame in page:
-                self.on_frame(topic, frame)
-            count += len(page)
-        self._lose_broken(backfill, lost)
+        count = await self._deliver_pages(backfill, lost)
+        while self._held_dropped:
+            # More live frames arrived than a backfill keeps: they are in the streams, so read
+            # on to the clock of now. Topics subscribed since the backfill began are not read
+            # here: their streams are ended, and resume from history.
+            log.info("backfill reads on to a newer clock: live frames outgrew what it keeps")
+            if newer := sorted(self._topics - set(backfill.topics) - lost):
+                self.on_lost(newer)
+            self._hold_again()
+            await backfill.extend()
+            count += await self._deliver_pages(backfill, lost)
         if gaps := [t for t in backfill.gaps if t not in lost]:
             lost.update(gaps)
             self.on_lost(gaps)
@@ -412,6 +416,41 @@ class RedisEngine(Engine):
                 "pub/sub link restored: %d events backfilled, %d topics lost history",
                 count, len(lost),
             )  # fmt: skip
+
+    async def _deliver_pages(self, backfill: Replay, lost: set[str]) -> int:
+        """Hand on the backfill page by page. While it covers every subscribed topic, each
+        page moves ``_seen``: a backfill cut short by another lost link is not sent again."""
+        count = 0
+        covered = set(backfill.topics)
+        while runs := await backfill.next_runs():
+            self._lose_broken(backfill, lost)
+            page = sorted(
+                ((frame.key, topic, frame) for topic, run in runs.items() if topic not in lost
+                 for frame in run),
+                key=lambda item: item[0],
+            )  # fmt: skip
+            for _, topic, frame in page:
+                self.on_frame(topic, frame)
+            count += len(page)
+            if page and self._topics <= covered:
+                self._seen = max(self._seen or 0, page[-1][0])
+        self._lose_broken(backfill, lost)
+        return count
+
+    def _hold(self, topic: str, frame: Frame) -> None:
+        assert self._held is not None
+        self._held_bytes += len(frame.data)
+        if self._held_bytes > BACKFILL_HELD_BYTES:
+            self._held.clear()
+            self._held_bytes = 0
+            self._held_dropped = True
+        elif not self._held_dropped:
+            self._held.append((topic, frame))
+
+    def _hold_again(self) -> None:
+        self._held = []
+        self._held_bytes = 0
+        self._held_dropped = False
 
     def _lose_broken(self, backfill: Replay, lost: set[str]) -> None:
         for broken in backfill.broken:
@@ -498,7 +537,7 @@ class RedisEngine(Engine):
                 log.warning("ignored a message that is not a frame on %r", channel[:200])
                 return
             if self._held is not None:
-                self._held.append((topic, frame))
+                self._hold(topic, frame)
             else:
                 self._deliver(topic, frame)
         elif kind in (b"subscribe", b"unsubscribe"):

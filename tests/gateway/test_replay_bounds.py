@@ -10,6 +10,7 @@ events arrive during the replay than the budget could hold.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
@@ -17,8 +18,10 @@ import time
 import httpx
 import orjson
 import pytest
+import redis
 
 from gateway.client import EventParser, ServerEvent, stream_url
+from publisher._schema import key_to_id
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import collect
 
@@ -260,3 +263,66 @@ def test_history_trimmed_under_a_slow_replay_ends_it_before_the_gap_then_reset(
     )
     assert again.events[0].event == "reset"
     assert orjson.loads(again.events[0].data) == {"reason": "trimmed", "topics": ["g"]}
+
+
+def test_a_backfill_that_cannot_keep_the_live_frames_reads_on_from_history(
+    redis_url: str,
+    prefix: str,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 10 B, at the node: live frames that arrive while a reconnected pub/sub link
+    backfills are held within a budget too; past it (here: any frame) they are let go and the
+    backfill reads on from the streams to a newer clock. Through repeated link kills under
+    steady publishing, the engine still hands on every event once, in order."""
+    from gateway.engines import redis as engine_module
+    from publisher import Publisher
+
+    monkeypatch.setattr(engine_module, "BACKFILL_HELD_BYTES", 1)
+    caplog.set_level(logging.INFO, logger="gateway.engine")
+    published: list[str] = []
+    stop = threading.Event()
+
+    def publish() -> None:
+        with Publisher.from_url(redis_url, prefix=prefix) as pub:
+            while not stop.is_set():
+                published.append(pub.publish("a", f"e{len(published)}"))
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        engine = engine_module.RedisEngine(redis_url, prefix=prefix, probe_interval=0)
+        received: list[str] = []
+        lost: list[str] = []
+        engine.set_listeners(
+            lambda topic, frame: received.append(key_to_id(frame.key)), lost.extend
+        )
+        await engine.start()
+        thread = threading.Thread(target=publish)
+        try:
+            await engine.subscribe("a")
+            thread.start()
+            for _ in range(5):
+                await asyncio.sleep(0.3)
+                killed = await asyncio.to_thread(redis_client.client_kill_filter, _type="pubsub")
+                assert killed >= 1
+            await asyncio.sleep(0.5)
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join)
+        try:
+            deadline = time.monotonic() + 10
+            while not received or received[-1] != published[-1]:
+                assert time.monotonic() < deadline, "the last event never arrived"
+                await asyncio.sleep(0.05)
+        finally:
+            await engine.close()
+        return received, lost
+
+    received, lost = asyncio.run(scenario())
+    assert lost == []
+    first = published.index(received[0])
+    assert received == published[first:], (
+        f"{len(received)} received of {len(published) - first}; "
+        f"missing {sorted(set(published[first:]) - set(received))[:5]}"
+    )
+    assert "backfill reads on to a newer clock" in caplog.text
