@@ -211,9 +211,9 @@ class RedisEngine(Engine):
         """Every frame up to this id was delivered live or predates the subscriptions
         (None until the first link is up)."""
         self._held: list[tuple[str, Frame]] | None = None
+        """Live frames that arrive while a reconnected link backfills (None when live)."""
         self._held_bytes = 0
         self._held_dropped = False
-        """Live frames that arrive while a reconnected link backfills (None when live)."""
 
     async def start(self) -> None:
         self._tasks = [
