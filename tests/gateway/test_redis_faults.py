@@ -258,7 +258,7 @@ def test_a_wrong_type_key_fails_only_its_own_topic_through_a_pubsub_reconnect(
             finally:
                 await stop(good_task)
                 await stop(bad_task)
-        again = await collect(gateway.url, ["bad"], lambda s: bool(refusals(s)), last_event_id=last)
+        again = await collect(gateway.url, ["bad"], ended, last_event_id=last)
         return good, bad, again
 
     _, bad, again = asyncio.run(scenario())
