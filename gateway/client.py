@@ -1,4 +1,4 @@
-"""A small SSE client: a sans-IO parser that follows the WHATWG rules, and ``tail``.
+"""``tail``, and the WHATWG parser (:mod:`publisher.sse`) that tests and tools share.
 
 ``tail`` reconnects like a browser's EventSource: after the announced ``retry`` delay, with the
 last id it saw as ``Last-Event-ID``.
@@ -11,86 +11,10 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
+from publisher.sse import EventParser, ServerEvent
 
-@dataclass(frozen=True, slots=True)
-class ServerEvent:
-    event: str
-    data: str
-    id: str
-    """The stream's last event id when this event was dispatched."""
-
-
-@dataclass
-class EventParser:
-    """Feed bytes, get events. Handles CRLF/CR/LF line ends split across reads and a BOM."""
-
-    last_id: str = ""
-    retry: int | None = None
-    comments: list[str] = field(default_factory=list)
-    _buffer: bytes = b""
-    _data: list[str] = field(default_factory=list)
-    _event: str = ""
-    _started: bool = False
-    _after_cr: bool = False
-
-    def feed(self, chunk: bytes) -> list[ServerEvent]:
-        buffer = self._buffer + chunk
-        if not self._started and buffer:
-            if len(buffer) < 3 and b"\xef\xbb\xbf".startswith(buffer):
-                self._buffer = buffer
-                return []
-            self._started = True
-            buffer = buffer.removeprefix(b"\xef\xbb\xbf")
-        events: list[ServerEvent] = []
-        start = 0
-        if self._after_cr and buffer[:1] == b"\n":
-            start = 1
-        self._after_cr = False
-        size = len(buffer)
-        while start < size:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
-            if cr == -1 and lf == -1:
-                break
-            if cr != -1 and (lf == -1 or cr < lf):
-                end = cr
-                if cr + 1 == size:
-                    after = size
-                    self._after_cr = True  # the LF of a CRLF may come in the next chunk
-                else:
-                    after = cr + 2 if buffer[cr + 1] == 0x0A else cr + 1
-            else:
-                end, after = lf, lf + 1
-            self._line(buffer[start:end].decode("utf-8", "replace"), events)
-            start = after
-        self._buffer = buffer[start:]
-        return events
-
-    def _line(self, line: str, events: list[ServerEvent]) -> None:
-        if not line:
-            if self._data:
-                events.append(
-                    ServerEvent(self._event or "message", "\n".join(self._data), self.last_id)
-                )
-            self._data = []
-            self._event = ""
-            return
-        if line.startswith(":"):
-            self.comments.append(line[1:].removeprefix(" "))
-            return
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "data":
-            self._data.append(value)
-        elif name == "event":
-            self._event = value
-        elif name == "id":
-            if "\0" not in value:
-                self.last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
-            self.retry = int(value)
+__all__ = ["EventParser", "ServerEvent", "stream_url", "tail"]
 
 
 def stream_url(base: str, topics: Sequence[str], since: int | None, types: str | None) -> str:

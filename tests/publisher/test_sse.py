@@ -1,4 +1,4 @@
-"""gateway.client.EventParser follows the WHATWG event-stream parsing rules.
+"""publisher.sse.EventParser follows the WHATWG event-stream parsing rules.
 
 https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.client import EventParser, ServerEvent
+from publisher.sse import EventParser, ServerEvent
 
 BOM = b"\xef\xbb\xbf"
 
@@ -251,3 +251,38 @@ def test_byte_at_a_time_feeding_gives_the_same_result_as_one_feed() -> None:
 def test_any_chunk_size_gives_the_same_result(size: int) -> None:
     _, events = parse(*(STREAM[i : i + size] for i in range(0, len(STREAM), size)))
     assert events == EXPECTED
+
+
+# -- the id is taken at dispatch; a new connection starts a new parse ------------------------
+
+
+def test_an_id_line_counts_only_once_its_event_is_dispatched() -> None:
+    """Issue 11: the id must be taken when an event is dispatched, not when its ``id:`` line
+    arrives (a resume from an id whose event was never delivered skips that event)."""
+    parser = EventParser()
+    assert parser.feed(b"id: 1-0\ndata: a\n\nid: 2-0\ndata: b\n") == [
+        ServerEvent("message", "a", "1-0")
+    ]
+    assert parser.last_id == "1-0"
+    assert parser.feed(b"\n") == [ServerEvent("message", "b", "2-0")]
+    assert parser.last_id == "2-0"
+
+
+def test_a_position_line_moves_the_last_id_at_its_blank_line() -> None:
+    parser = EventParser()
+    assert parser.feed(b"id: 7-0\n") == []
+    assert parser.last_id == ""
+    assert parser.feed(b"\n") == []
+    assert parser.last_id == "7-0"
+
+
+def test_reset_between_connections_drops_the_unfinished_frame() -> None:
+    """Issue 11: the parser must be reset between connections; a connection cut in the middle
+    of a frame must neither move the last id nor glue the frame's lines onto the next one."""
+    parser = EventParser()
+    assert parser.feed(b"id: 1-0\ndata: a\n\nid: 2-0\nevent: progress\ndata: b") == [
+        ServerEvent("message", "a", "1-0")
+    ]
+    parser.reset()
+    assert parser.last_id == "1-0"
+    assert parser.feed(BOM + b"id: 2-0\ndata: b\n\n") == [ServerEvent("message", "b", "2-0")]
