@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from gateway.assets import asset_routes
 from gateway.auth import ANONYMOUS, Authorizer, Identity, bearer_token, token_required
 from gateway.config import Settings
 from gateway.cors import CorsMiddleware, CorsPolicy
@@ -329,6 +330,7 @@ class Gateway:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+            *asset_routes(),
         ]
         app = Starlette(
             routes=routes,
