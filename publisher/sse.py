@@ -20,6 +20,8 @@ class ServerEvent:
     data: str
     id: str
     """The stream's last event id when this event was dispatched."""
+    has_id: bool = field(default=False, compare=False)
+    """Whether the event's own frame had an ``id:`` line (else ``id`` is an earlier one's)."""
 
 
 @dataclass
@@ -83,13 +85,13 @@ class EventParser:
 
     def _line(self, line: str, events: list[ServerEvent]) -> None:
         if not line:
+            has_id = self._id is not None
             if self._id is not None:
                 self.last_id = self._id
                 self._id = None
             if self._data:
-                events.append(
-                    ServerEvent(self._event or "message", "\n".join(self._data), self.last_id)
-                )
+                data = "\n".join(self._data)
+                events.append(ServerEvent(self._event or "message", data, self.last_id, has_id))
             self._data = []
             self._event = ""
             return
