@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+from publisher._job import DEFAULT_PROGRESS_RATE, AsyncJob, Clock, Job
 from publisher._message import Message, PublishError, TopicArg, make_message
 from publisher._redis import (
     DEFAULT_IDEMPOTENCY_TTL,
@@ -25,7 +27,9 @@ from publisher._redis import (
 from publisher._schema import DEFAULT_PREFIX, Keys
 
 __all__ = [
+    "AsyncJob",
     "AsyncPublisher",
+    "Job",
     "Message",
     "NotReplicated",
     "PublishError",
@@ -39,12 +43,20 @@ EventArg = tuple[TopicArg, Any] | tuple[TopicArg, Any, str | None]
 
 class _Transport(Protocol):
     def send(self, messages: list[Message]) -> list[str]: ...
+    def position(self, topics: tuple[str, ...]) -> str: ...
     def close(self) -> None: ...
 
 
 class _AsyncTransport(Protocol):
     async def send(self, messages: list[Message]) -> list[str]: ...
+    async def position(self, topics: tuple[str, ...]) -> str: ...
     async def close(self) -> None: ...
+
+
+def _topics(topics: TopicArg | None) -> tuple[str, ...]:
+    if topics is None:
+        return ()
+    return (topics,) if isinstance(topics, str) else tuple(topics)
 
 
 def _messages(events: Iterable[EventArg]) -> list[Message]:
@@ -110,6 +122,33 @@ class Publisher:
         messages = _messages(events)
         return self._transport.send(messages) if messages else []
 
+    def position(self, topics: TopicArg | None = None) -> str:
+        """The id of the newest event published (``"0-0"`` before the first). Read it, then
+        the app's state, then open the page's stream with ``lastEventId`` set to it: the
+        stream replays every event published after the read, once, before any other.
+
+        The position is global; ``topics`` matter only through a gateway in token mode,
+        which answers only for a token that may read them (as ``GET /events`` would)."""
+        return self._transport.position(_topics(topics))
+
+    def job(
+        self,
+        name: str,
+        *,
+        topic: TopicArg,
+        job_id: str | None = None,
+        progress_rate: float = DEFAULT_PROGRESS_RATE,
+        clock: Clock = time.monotonic,
+    ) -> Job:
+        """A context manager that publishes ``started``, ``job.progress(current, total,
+        message=None)`` as ``progress`` (at most ``progress_rate`` a second; 0: no limit), then
+        ``completed``, or ``failed`` with the exception, which is raised on. ``job_id``
+        defaults to a random hex id; ``clock`` (monotonic seconds) paces the progress events."""
+        return Job(
+            self.publish, name, topic=topic, job_id=job_id,
+            progress_rate=progress_rate, clock=clock,
+        )  # fmt: skip
+
     def close(self) -> None:
         self._transport.close()
 
@@ -170,6 +209,26 @@ class AsyncPublisher:
     async def publish_many(self, events: Iterable[EventArg]) -> list[str]:
         messages = _messages(events)
         return await self._transport.send(messages) if messages else []
+
+    async def position(self, topics: TopicArg | None = None) -> str:
+        """See :meth:`Publisher.position`."""
+        return await self._transport.position(_topics(topics))
+
+    def job(
+        self,
+        name: str,
+        *,
+        topic: TopicArg,
+        job_id: str | None = None,
+        progress_rate: float = DEFAULT_PROGRESS_RATE,
+        clock: Clock = time.monotonic,
+    ) -> AsyncJob:
+        """``async with apub.job(...) as job: await job.progress(...)``; see
+        :meth:`Publisher.job`."""
+        return AsyncJob(
+            self.publish, name, topic=topic, job_id=job_id,
+            progress_rate=progress_rate, clock=clock,
+        )  # fmt: skip
 
     async def close(self) -> None:
         await self._transport.close()

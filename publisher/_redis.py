@@ -36,7 +36,7 @@ from redis.exceptions import (
 
 from publisher._message import Message
 from publisher._retry import Backoff
-from publisher._schema import DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys
+from publisher._schema import BEGINNING, DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys, id_key
 
 log = logging.getLogger("publisher")
 
@@ -238,6 +238,18 @@ def _decode(value: Any) -> str:
     return value.decode("ascii") if isinstance(value, bytes) else str(value)
 
 
+def clock_position(keys: Keys, value: bytes | str | None) -> str:
+    """The clock key's id, or the beginning when nothing was published yet."""
+    if value is None:
+        return BEGINNING
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    try:
+        id_key(text)
+    except ValueError:
+        raise ValueError(f"the clock key {keys.clock!r} holds {value[:40]!r}, not an id") from None
+    return text
+
+
 def _unloaded(results: list[Any]) -> list[int]:
     """Indexes of results that failed only because Redis did not have the script (so the
     script did not run, and sending them again publishes nothing twice)."""
@@ -372,6 +384,19 @@ class RedisTransport:
                 raise NoScriptError("the publish script could not be loaded")
         return self.replication.confirm([_decode(v) for v in results], confirmed)
 
+    def position(self, topics: tuple[str, ...] = ()) -> str:
+        """The clock (one ``GET``); transient errors are retried for ``retry_for`` seconds."""
+        backoff = Backoff(self.retry_for)
+        while True:
+            try:
+                return clock_position(self.keys, self.client.get(self.keys.clock))
+            except TRANSIENT_ERRORS:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise
+                self.client.connection_pool.disconnect(inuse_connections=False)
+                self.sleep(delay)
+
     def close(self) -> None:
         self.client.close()
 
@@ -443,6 +468,18 @@ class AsyncRedisTransport:
             if _unloaded(results):
                 raise NoScriptError("the publish script could not be loaded")
         return self.replication.confirm([_decode(v) for v in results], confirmed)
+
+    async def position(self, topics: tuple[str, ...] = ()) -> str:
+        backoff = Backoff(self.retry_for)
+        while True:
+            try:
+                return clock_position(self.keys, await self.client.get(self.keys.clock))
+            except TRANSIENT_ERRORS:
+                delay = backoff.next_delay()
+                if delay is None:
+                    raise
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+                await asyncio.sleep(delay)
 
     async def close(self) -> None:
         await self.client.aclose()
