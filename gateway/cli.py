@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,6 +22,8 @@ from gateway.logs import log_config
 from gateway.protocol import head_bound, protocol_class
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
+TOKEN_VARIABLE = ENV_PREFIX + "TOKEN"
+"""The token ``publish`` and ``tail`` send when ``--token`` is not given."""
 
 
 SHUTDOWN_MARGIN = 2
@@ -97,13 +100,32 @@ def publish(args: argparse.Namespace) -> int:
             print(f"publish: DATA is not JSON: {exc}", file=sys.stderr)
             return 2
     topics = [t for t in args.topic.split(",") if t]
+    if url.startswith(("http://", "https://")) and (reason := _unreachable(url)) is not None:
+        print(
+            f"publish: no gateway at {url} ({reason}): start one with `sse-gateway serve`",
+            file=sys.stderr,
+        )
+        return 1
+    token = args.token or os.environ.get(TOKEN_VARIABLE) or None
     try:
-        with Publisher.from_url(url, prefix=args.prefix) as pub:
+        with Publisher.from_url(url, prefix=args.prefix, token=token) as pub:
             print(pub.publish(topics, data, event=args.event))
     except (ValueError, PublishError, OSError) as exc:
         print(f"publish: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _unreachable(url: str) -> str | None:
+    """Why nothing answers at ``url``'s host and port, or None when something listens (one
+    connect, so a missing node is reported at once rather than after the publish retries)."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=3).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
 
 
 TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -171,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: ${ENV_PREFIX}REDIS_URL, else {DEFAULT_GATEWAY_URL})",
     )
     pub.add_argument("--prefix", default=os.environ.get(ENV_PREFIX + "PREFIX", "sse"))
+    pub.add_argument(
+        "--token", help=f"a token with the right to publish (default ${TOKEN_VARIABLE})"
+    )
 
     token = commands.add_parser("token", help="mint a development token from the secret")
     token.add_argument("--sub", required=True, help="the subject (user) the token is for")
@@ -199,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     tail_parser.add_argument("--since", type=int, help="replay from this epoch-ms time")
     tail_parser.add_argument("--types", help="only these event types (comma list)")
     tail_parser.add_argument("--count", type=int, help="exit after this many events")
+    tail_parser.add_argument(
+        "--token", help=f"a token with the right to read the topics (default ${TOKEN_VARIABLE})"
+    )
+    tail_parser.add_argument(
+        "--json", action="store_true", help="one JSON object per event: id, event, data"
+    )
     return parser
 
 
@@ -212,7 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return mint_token(args)
     from gateway.client import tail
 
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="tail: %(message)s")
+    logging.getLogger("publisher.subscriber").setLevel(logging.INFO)
     try:
         return tail(
             args.url,
@@ -221,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             since=args.since,
             types=args.types,
             count=args.count,
+            token=args.token or os.environ.get(TOKEN_VARIABLE) or None,
+            json_lines=args.json,
             out=lambda line: print(line, flush=True),
         )
     except KeyboardInterrupt:

@@ -1,20 +1,20 @@
 """``tail``, and the WHATWG parser (:mod:`publisher.sse`) that tests and tools share.
 
-``tail`` reconnects like a browser's EventSource: after the announced ``retry`` delay, with the
-last id it saw as ``Last-Event-ID``.
+``tail`` reads with :class:`publisher.subscriber.Subscription`: it reconnects like
+``/client.js``, resuming with ``Last-Event-ID``, and never prints an event twice.
 """
 
 from __future__ import annotations
 
-import http.client
+import json
 import sys
-import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 
 from publisher.sse import EventParser, ServerEvent
+from publisher.subscriber import Event, Subscription, SubscriptionError
 
-__all__ = ["EventParser", "ServerEvent", "stream_url", "tail"]
+__all__ = ["EventParser", "ServerEvent", "format_event", "stream_url", "tail"]
 
 
 def stream_url(base: str, topics: Sequence[str], since: int | None, types: str | None) -> str:
@@ -26,6 +26,15 @@ def stream_url(base: str, topics: Sequence[str], since: int | None, types: str |
     return base.rstrip("/") + "/events?" + urllib.parse.urlencode(query)
 
 
+def format_event(event: Event, json_lines: bool = False) -> str:
+    """``id<TAB>event<TAB>data``, each further line of the data indented by two tabs (so it
+    reads as part of its event); or, with ``json_lines``, one JSON object."""
+    if json_lines:
+        return json.dumps({"id": event.id, "event": event.type, "data": event.data})
+    first, *rest = event.data.split("\n")
+    return "\n".join([f"{event.id}\t{event.type}\t{first}", *(f"\t\t{line}" for line in rest)])
+
+
 def tail(
     base_url: str,
     topics: Sequence[str],
@@ -34,33 +43,31 @@ def tail(
     since: int | None = None,
     types: str | None = None,
     count: int | None = None,
+    token: str | None = None,
+    json_lines: bool = False,
     out: Callable[[str], None] = print,
 ) -> int:
-    """Print events as ``id<TAB>event<TAB>data`` until interrupted (or ``count`` events)."""
-    parts = urllib.parse.urlsplit(stream_url(base_url, topics, since, types))
-    path = parts.path + "?" + parts.query
-    parser = EventParser(last_id=last_event_id or "")
+    """Print events until interrupted (or ``count`` events); 1 when the gateway refuses the
+    stream for good (a 400, 401 or 403). Reconnects, resumes and backs off like
+    :mod:`publisher.subscriber`, which it uses."""
     seen = 0
-    while True:
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=120)
-        headers = {"accept": "text/event-stream"}
-        if parser.last_id:
-            headers["last-event-id"] = parser.last_id
-        try:
-            conn.request("GET", path, headers=headers)
-            response = conn.getresponse()
-            if response.status != 200:
-                print(f"tail: {response.status} {response.read()[:500]!r}", file=sys.stderr)
-                return 1
-            while chunk := response.read1(65536):
-                for event in parser.feed(chunk):
-                    out(f"{event.id}\t{event.event}\t{event.data}")
-                    seen += 1
-                    if count is not None and seen >= count:
-                        return 0
-        except (OSError, http.client.HTTPException) as exc:
-            print(f"tail: connection lost ({exc}); reconnecting", file=sys.stderr)
-        finally:
-            conn.close()
-        time.sleep((parser.retry if parser.retry is not None else 3000) / 1000)
+    try:
+        sub = Subscription(
+            base_url, topics, token=token, last_event_id=last_event_id, since=since,
+            types=[t for t in (types or "").split(",") if t],
+        )  # fmt: skip
+    except ValueError as exc:
+        print(f"tail: {exc}", file=sys.stderr)
+        return 2
+    try:
+        for event in sub:
+            out(format_event(event, json_lines))
+            seen += 1
+            if count is not None and seen >= count:
+                return 0
+    except SubscriptionError as exc:
+        print(f"tail: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        sub.close()
+    return 0

@@ -204,15 +204,16 @@ class _Core:
             error = reply.get("error") if isinstance(reply.get("error"), str) else None
             message = str(reply.get("message") or message)
         text = f"gateway refused the stream ({status} {error or ''}): {message}"
-        log.warning("%s", text)
         terminal = SubscriptionError(text, status=status, error=error)
         if status == 401:
             self.refused_tokens += 1
             if not self.token_is_function or self.refused_tokens >= TERMINAL_401_IN_A_ROW:
                 return _Attempt(0, terminal)
+            log.info("%s; asking for a new token", text)
             return _Attempt(0 if self.refused_tokens == 1 else self.backoff())
         if 400 <= status < 500 and status not in (408, 429):
             return _Attempt(0, terminal)
+        log.warning("%s; retrying", text)
         delay = self.backoff()
         if retry_after and retry_after.strip().isdigit():
             delay = max(delay, float(retry_after.strip()))
