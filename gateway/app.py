@@ -10,6 +10,7 @@ import math
 import random
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 from starlette.applications import Starlette
@@ -20,7 +21,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.assets import asset_routes
-from gateway.auth import ANONYMOUS, Authorizer, Identity, bearer_token, token_required
+from gateway.auth import (
+    ANONYMOUS,
+    Authorizer,
+    Identity,
+    bearer_token,
+    cookie_token,
+    token_required,
+)
 from gateway.config import Settings
 from gateway.cors import CorsMiddleware, CorsPolicy
 from gateway.engines.base import Engine, EngineUnavailable
@@ -47,7 +55,7 @@ from publisher import Message, Retention, make_message
 from publisher._frames import check_field
 from publisher._message import check_idempotency_key
 from publisher._redis import NotReplicated
-from publisher._schema import check_topic
+from publisher._schema import check_topic, key_to_id
 
 log = logging.getLogger("gateway")
 
@@ -87,13 +95,52 @@ def describe_engine(settings: Settings) -> str:
 _is_loopback = is_loopback_address
 
 
-def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
+MAX_BATCH = 1000
+"""Events per ``POST /publish`` at most."""
+
+
+def _json_body(raw: bytes) -> Any:
     try:
-        body: Any = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise bad_request("invalid_json", f"body is not valid JSON: {exc}") from None
+
+
+def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
+    body = _json_body(raw)
     if not isinstance(body, dict):
         raise bad_request("invalid_body", "body must be a JSON object")
+    return parse_publish_item(body, max_topics)
+
+
+def parse_publish_batch(raw: bytes, max_topics: int = 64) -> tuple[list[Message], bool]:
+    """The events of a body: one JSON object, or a JSON list of them (a batch, ``True``).
+
+    A batch is checked whole before anything is published: the first bad event is a 400
+    whose ``index`` names it, and nothing of the batch is stored."""
+    body = _json_body(raw)
+    if isinstance(body, dict):
+        return [parse_publish_item(body, max_topics)], False
+    if not isinstance(body, list):
+        raise bad_request("invalid_body", "body must be a JSON object or a list of them")
+    if not body:
+        raise bad_request("invalid_body", "a batch needs at least one event")
+    if len(body) > MAX_BATCH:
+        raise bad_request("batch_too_large", f"at most {MAX_BATCH} events per request")
+    messages = []
+    for index, item in enumerate(body):
+        try:
+            if not isinstance(item, dict):
+                raise bad_request("invalid_body", "each event of a batch must be a JSON object")
+            messages.append(parse_publish_item(item, max_topics))
+        except HTTPError as exc:
+            exc.extra["index"] = index
+            exc.message = f"event {index}: {exc.message}"
+            raise
+    return messages, True
+
+
+def parse_publish_item(body: dict[str, Any], max_topics: int = 64) -> Message:
     unknown = sorted(set(body) - {"topic", "topics", "event", "data", "idempotency_key"})
     if unknown:
         raise bad_request("unknown_field", f"unknown field {unknown[0]!r}", field=unknown[0])
@@ -131,6 +178,40 @@ def parse_publish_body(raw: bytes, max_topics: int = 64) -> Message:
         raise bad_request("invalid_data", str(exc), field="data") from None
     # Without a key no retry can name this publish: nothing to remember.
     return message if key is not None else dataclasses.replace(message, remember=False)
+
+
+def _batch_note(answer: HTTPError, batch: bool) -> HTTPError:
+    """A batch's events are stored one by one: when one fails, others may be stored."""
+    if batch:
+        answer.extra["batch"] = (
+            "other events of this batch may have been stored; sending the batch again with "
+            "the same idempotency keys returns their ids and stores none of them twice"
+        )
+    return answer
+
+
+def parse_position_query(
+    scope: Scope, max_topics: int, cookie: str
+) -> tuple[tuple[str, ...], str | None]:
+    """The topics and the token of a ``GET /position`` (token: header, query, then cookie)."""
+    try:
+        fields = parse_qsl(
+            scope["query_string"].decode("latin-1"), keep_blank_values=True, max_num_fields=100
+        )
+    except ValueError:
+        raise bad_request("too_many_parameters", "at most 100 query fields") from None
+    topics = tuple(dict.fromkeys(value for name, value in fields if name == "topic"))
+    if len(topics) > max_topics:
+        raise bad_request("too_many_topics", f"at most {max_topics} topics")
+    for topic in topics:
+        try:
+            check_topic(topic)
+        except ValueError as exc:
+            raise bad_request("invalid_topic", str(exc), topic=topic[:300]) from None
+    query_token = next((value for name, value in reversed(fields) if name == "token"), "")
+    headers = scope["headers"]
+    token = bearer_token(headers) or query_token or cookie_token(headers, cookie)
+    return topics, token
 
 
 class Gateway:
@@ -243,17 +324,32 @@ class Gateway:
             await asyncio.sleep(READY_CHECK_INTERVAL)
 
     async def publish(self, request: Request) -> Response:
-        """Idempotency keys are scoped to the caller (see ``idempotency_scope``); failures
-        are answered without internals and logged with them."""
+        """One event (a JSON object, answered ``{"id"}``) or a batch (a JSON list, answered
+        ``{"results": [{"id"}, ...]}`` in order). A batch is validated, paced (each event
+        counts) and authorized whole before anything is stored. Idempotency keys are scoped
+        to the caller (see ``idempotency_scope``); failures are answered without internals
+        and logged with them."""
+        batch = False
         try:
             identity = await self._publisher_identity(request)
-            self.publish_rate.check(identity, request.client.host if request.client else None)
             raw = await self._read_body(request)
-            message = parse_publish_body(raw, self.settings.max_topics)
-            if self.authorizer.enabled:
-                self.authorizer.check_publish(identity, message.topics)
-            message = dataclasses.replace(message, scope=idempotency_scope(identity))
-            event_id = await self.engine.publish(message)
+            messages, batch = parse_publish_batch(raw, self.settings.max_topics)
+            address = request.client.host if request.client else None
+            self.publish_rate.check(identity, address, len(messages))
+            scope = idempotency_scope(identity)
+            for index, message in enumerate(messages):
+                if self.authorizer.enabled:
+                    try:
+                        self.authorizer.check_publish(identity, message.topics)
+                    except HTTPError as exc:
+                        if batch:
+                            exc.extra["index"] = index
+                        raise
+                messages[index] = dataclasses.replace(message, scope=scope)
+            if batch:
+                ids = await self.engine.publish_many(messages)
+            else:
+                ids = [await self.engine.publish(messages[0])]
         except ClientDisconnect:
             return Response(status_code=400)
         except HTTPError as exc:
@@ -261,16 +357,50 @@ class Gateway:
             return exc.response()
         except EngineUnavailable as exc:
             log.warning("publish failed: %s", exc)
+            return _batch_note(HTTPError(
+                503, "engine_unavailable", "the event store is unavailable; retry later",
+                {"retry-after": "1"},
+            ), batch).response()  # fmt: skip
+        except PublishFailed as exc:
+            return _batch_note(failed_answer(exc), batch).response()
+        except NotReplicated as exc:
+            answer = not_replicated_answer(exc)
+            if batch:
+                answer.extra["ids"] = exc.ids
+            return answer.response()
+        self.metrics.published.inc(len(ids))
+        if batch:
+            return JSONResponse({"results": [{"id": event_id} for event_id in ids]})
+        return JSONResponse({"id": ids[0]})
+
+    async def position(self, request: Request) -> Response:
+        """``GET /position``: the newest id issued, ``{"id": "<ms>-<seq>"}`` (``0-0`` before
+        the first). A page that reads it before the app's state, then streams with
+        ``lastEventId`` set to it, is replayed everything published in between.
+
+        The same access as reading: in token mode ``?topic=`` is required and the token
+        (header, ``?token=`` or cookie, as for ``GET /events``) must grant every topic (or
+        they are public); an anonymous node answers anyone."""
+        try:
+            topics, token = parse_position_query(
+                request.scope, self.settings.max_topics, self.settings.token_cookie
+            )
+            if self.authorizer.enabled:
+                if not topics:
+                    raise bad_request("missing_topic", "give at least one ?topic= to read")
+                identity = await self.authorizer.identify(token)
+                self.authorizer.check_subscribe(identity, topics)
+            clock = (await self.engine.replay(topics, None)).clock
+        except HTTPError as exc:
+            self.metrics.rejected.labels(str(exc.status)).inc()
+            return exc.response()
+        except EngineUnavailable as exc:
+            log.warning("position failed: %s", exc)
             return HTTPError(
                 503, "engine_unavailable", "the event store is unavailable; retry later",
                 {"retry-after": "1"},
             ).response()  # fmt: skip
-        except PublishFailed as exc:
-            return failed_answer(exc).response()
-        except NotReplicated as exc:
-            return not_replicated_answer(exc).response()
-        self.metrics.published.inc()
-        return JSONResponse({"id": event_id})
+        return JSONResponse({"id": key_to_id(clock)}, headers={"cache-control": "no-store"})
 
     async def _publisher_identity(self, request: Request) -> Identity:
         """Token mode: a Bearer token (never a query or cookie token, which a cross-site form
@@ -327,6 +457,7 @@ class Gateway:
     def app(self) -> ASGIApp:
         routes = [
             Route("/publish", self.publish, methods=["POST"]),
+            Route("/position", self.position, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),

@@ -32,8 +32,9 @@ class RateLimiter:
         self.max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
 
-    def acquire(self, key: str, now: float | None = None) -> float:
-        """Take one token; return 0 if granted, else the seconds until one is available."""
+    def acquire(self, key: str, now: float | None = None, cost: float = 1.0) -> float:
+        """Take ``cost`` tokens (at most the burst); return 0 if granted, else the seconds until
+        they are available."""
         now = time.monotonic() if now is None else now
         entry = self._buckets.pop(key, None)
         if entry is None:
@@ -42,10 +43,10 @@ class RateLimiter:
             tokens = self.burst
         else:
             tokens = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
-        if tokens < 1.0:
+        if tokens < cost:
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1.0, now)
+            return (cost - tokens) / self.rate
+        self._buckets[key] = (tokens - cost, now)
         return 0.0
 
     def _make_room(self, now: float) -> None:

@@ -7,7 +7,7 @@ import logging
 import math
 
 from gateway.auth import Identity
-from gateway.errors import HTTPError
+from gateway.errors import HTTPError, bad_request
 from gateway.limits import RateLimiter
 from publisher._redis import Failure, NotReplicated
 
@@ -72,12 +72,19 @@ class PublishRate:
     def __init__(self, rate: float) -> None:
         self.limiter = RateLimiter(rate, max(1, math.ceil(2 * rate))) if rate > 0 else None
 
-    def check(self, identity: Identity, address: str | None) -> None:
+    def check(self, identity: Identity, address: str | None, events: int = 1) -> None:
+        """Each event of a batch counts; a batch larger than the burst could never pass."""
         if self.limiter is None:
             return
+        if events > self.limiter.burst:
+            raise bad_request(
+                "batch_too_large",
+                f"at most {int(self.limiter.burst)} events per request at this node's "
+                "--publish-rate; send smaller batches",
+            )
         subject = identity.subject
         key = f"sub:{subject}" if subject is not None else f"addr:{address or '?'}"
-        wait = self.limiter.acquire(key)
+        wait = self.limiter.acquire(key, cost=events)
         if wait:
             who = "subject" if subject is not None else "address"
             raise HTTPError(

@@ -380,6 +380,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def publish(self, message: Message) -> str: ...
 
+    async def publish_many(self, messages: Sequence[Message]) -> list[str]:
+        """Publish in order and return the ids in order (engines that can send the events
+        together override this)."""
+        return [await self.publish(message) for message in messages]
+
 
 def merge_unique(runs: Sequence[Sequence[Frame]]) -> list[Frame]:
     """Merge per-topic runs (each in id order) into one, keeping one copy of shared ids."""

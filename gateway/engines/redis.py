@@ -593,12 +593,15 @@ class RedisEngine(Engine):
         return replay
 
     async def publish(self, message: Message) -> str:
-        """Transient errors (after the transport's retries) are ``EngineUnavailable``; what
-        no retry can fix is ``PublishFailed``; ``NotReplicated`` passes through (the event
-        is stored and delivered)."""
+        return (await self.publish_many([message]))[0]
+
+    async def publish_many(self, messages: Sequence[Message]) -> list[str]:
+        """One pipeline for all the events. Transient errors (after the transport's retries)
+        are ``EngineUnavailable``; what no retry can fix is ``PublishFailed``;
+        ``NotReplicated`` passes through (the events are stored and delivered)."""
         try:
             async with self._slots:
-                return (await self.transport.send([message]))[0]
+                return await self.transport.send(list(messages))
         except NotReplicated:
             raise
         except (RedisError, OSError) as exc:
