@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
 import urllib.parse
 import warnings
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
 from gateway.app import Gateway
-from gateway.config import ENV_PREFIX, Settings, add_arguments, check_exposure, settings_from
+from gateway.config import (
+    ENV_PREFIX,
+    Settings,
+    add_arguments,
+    check_exposure,
+    is_loopback_host,
+    settings_from,
+)
 from gateway.logs import log_config
 from gateway.protocol import head_bound, protocol_class
 
@@ -27,6 +38,17 @@ TOKEN_VARIABLE = ENV_PREFIX + "TOKEN"
 
 
 SHUTDOWN_MARGIN = 2
+INTERRUPT_DRAIN = 0.5
+"""Seconds a Ctrl-C (SIGINT) on a loopback node drains; SIGTERM drains the whole window."""
+FORCE_POLL = 0.1
+"""How often a drain looks for a second Ctrl-C (uvicorn's own shutdown polls as often)."""
+FORCE_GRACE = 0.5
+"""Seconds a forced stop waits for the streams it ended, and then for the app's shutdown."""
+FORCE_STEP = 0.02
+INTERRUPTED = 130
+"""The exit status after a forced stop (128 + SIGINT, as a shell reports an interrupt)."""
+
+log = logging.getLogger("gateway")
 
 
 class GatewayServer(uvicorn.Server):
@@ -38,15 +60,53 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
         super().__init__(config)
         self.gateway = gateway
+        self.stop_signal: int | None = None
+        """The signal that began the shutdown."""
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:  # the port is bound (uvicorn exits on a bind error)
             self.gateway.listening()
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """The first signal shuts down gracefully; a Ctrl-C after any signal forces the exit
+        (``force_exit``), which also ends a drain under way."""
+        if self.stop_signal is None:
+            self.stop_signal = sig
+        super().handle_exit(sig, frame)
+
+    def drain_seconds(self) -> float:
+        """The drain window, but at most ``INTERRUPT_DRAIN`` for a Ctrl-C on a loopback node:
+        nobody else reads from a development node, so nobody's reconnects need spreading."""
+        seconds = self.gateway.settings.drain_seconds
+        if self.stop_signal == signal.SIGINT and is_loopback_host(self.gateway.settings.host):
+            return min(seconds, INTERRUPT_DRAIN)
+        return seconds
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self.gateway.drain(self.gateway.settings.drain_seconds)
+        drain = asyncio.create_task(self.gateway.drain(self.drain_seconds()))
+        while not drain.done():
+            await asyncio.wait({drain}, timeout=FORCE_POLL)
+            if self.force_exit and not drain.done():
+                drain.cancel()
+                await asyncio.gather(drain, return_exceptions=True)
+                log.warning("stopping at once: the open streams are ended without a drain")
+                await self._end_streams()
         await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the application's shutdown when forced; a lifespan left waiting
+            # would be cancelled when the loop stops, and logged as an error.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.lifespan.shutdown(), FORCE_GRACE)
+
+    async def _end_streams(self) -> None:
+        """End every stream now, and give their responses a moment to finish (a response
+        still running when the loop stops is cancelled and logged as an error)."""
+        self.gateway.hub.close_all("shutdown")
+        for _ in range(int(FORCE_GRACE / FORCE_STEP)):
+            if not self.gateway.stream.admission.open:
+                break
+            await asyncio.sleep(FORCE_STEP)
 
 
 def _has(module: str) -> bool:
@@ -84,8 +144,11 @@ def run_node(settings: Settings, sock: socket.socket | None = None) -> int:
         timeout_graceful_shutdown=SHUTDOWN_MARGIN,
         server_header=False,
     )
-    GatewayServer(config, gateway).run(sockets=[sock] if sock is not None else None)
-    return 0
+    server = GatewayServer(config, gateway)
+    # uvicorn raises a Ctrl-C again once it has shut down: that stop was asked for.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock] if sock is not None else None)
+    return INTERRUPTED if server.force_exit else 0
 
 
 def publish(args: argparse.Namespace) -> int:
