@@ -31,8 +31,10 @@ from gateway.auth import (
 )
 from gateway.config import Settings
 from gateway.cors import CorsMiddleware, CorsPolicy
+from gateway.demo import DemoPage, DemoPublisher, page_url
 from gateway.engines.base import Engine, EngineUnavailable
 from gateway.errors import HTTPError, bad_request
+from gateway.home import Home
 from gateway.hub import Hub
 from gateway.limits import RequestSizeLimits
 from gateway.metrics import CONTENT_TYPE_LATEST, Metrics
@@ -236,6 +238,7 @@ class Gateway:
         )
         self.publish_rate = PublishRate(settings.publish_rate)
         self.announcing: asyncio.Task[None] | None = None
+        self.demo = DemoPublisher(self.engine) if settings.demo else None
 
     @property
     def draining(self) -> bool:
@@ -244,6 +247,8 @@ class Gateway:
     def begin_shutdown(self) -> None:
         """Refuse new streams (with a refusal browsers retry) and end the open ones."""
         self.stream.accepting = False
+        if self.demo is not None:
+            self.demo.halt()
         self.hub.close_all("shutdown")
 
     async def drain(self, seconds: float) -> None:
@@ -257,6 +262,8 @@ class Gateway:
         balancer. A closed port would instead be an error page from many balancers, which
         ends an ``EventSource`` for good."""
         self.stream.accepting = False
+        if self.demo is not None:
+            self.demo.halt()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         subscribers = list(self.hub.subscribers)
@@ -290,12 +297,16 @@ class Gateway:
                 "--allow-remote-publish: POST /publish accepts events from any address "
                 "without authentication"
             )
+        if self.demo is not None:
+            self.demo.start(page_url(self.settings.host, self.settings.port))
         try:
             yield
         finally:
             if self.announcing is not None:
                 self.announcing.cancel()
             self.begin_shutdown()
+            if self.demo is not None:
+                await self.demo.stop()
             await self.hub.close()
             await self.engine.close()
             await self.authorizer.close()
@@ -462,6 +473,8 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/metrics", self.metrics_endpoint, methods=["GET"]),
             *asset_routes(),
+            Route("/", Home(self.settings).serve, methods=["GET"]),
+            Route("/demo", DemoPage(self.settings.demo).serve, methods=["GET"]),
         ]
         app = Starlette(
             routes=routes,

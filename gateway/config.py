@@ -117,6 +117,9 @@ class Settings:
     header_timeout: float = _opt(
         15.0, "seconds a connection has to send a request's complete headers (slowloris)"
     )
+    demo: bool = _opt(
+        False, "serve /demo, a live page fed by simulated jobs published in this node (development)"
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
     access_log: bool = _opt(True, "log one line per HTTP request")
 
@@ -288,6 +291,11 @@ def _validate_security(settings: Settings) -> None:
                 f"--public-topics: {pattern!r} is not a topic pattern "
                 "(1-256 characters from A-Z a-z 0-9 _ . : / @ - and *)"
             )
+    if settings.demo and settings.auth_enabled:
+        raise SystemExit(
+            "--demo is for development: its page reads and publishes without a token, so it "
+            "does not run with token keys configured (start a node without them for the demo)"
+        )
     if "*" in settings.cors_origin and len(settings.cors_origin) > 1:
         raise SystemExit("--cors-origin '*' allows every origin: give it alone")
     for origin in settings.cors_origin:

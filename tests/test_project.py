@@ -32,7 +32,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 def test_readme_quick_start_installs_and_serves_with_one_command() -> None:
     command = _command_after("## Quick start")
-    assert command.splitlines()[0] == "pip install -e . && sse-gateway serve"
+    assert command.splitlines()[0] == "pip install -e . && sse-gateway serve --demo"
 
 
 def test_every_setting_is_documented_with_its_flag_and_variable() -> None:
