@@ -324,7 +324,8 @@ export function subscribe(url, options = {}) {
     source = es;
     const listen = (type) =>
       es.addEventListener(type, (e) => {
-        if (gen !== generation) return;
+        // (a connection error is a plain Event on "error", not a server's `event: error`)
+        if (gen !== generation || !(e instanceof MessageEvent)) return;
         // A new source per connection, so an event without an `id:` line carries "".
         handle({ id: e.lastEventId, type, data: e.data });
       });
@@ -438,7 +439,8 @@ export function subscribe(url, options = {}) {
     if (gen === generation) retry({ message: "the stream ended" });
   }
 
-  call(options.onStatus, "connecting");
+  // Told once subscribe() has returned, so a handler may already use the subscription.
+  queueMicrotask(() => sub.status === "connecting" && call(options.onStatus, "connecting"));
   connect();
   return sub;
 }

@@ -10,6 +10,7 @@ import itertools
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -302,3 +303,39 @@ def open_streams(node: GatewayProcess) -> float:
         if line.startswith("sse_connections "):
             return float(line.split()[1])
     raise AssertionError("no sse_connections gauge")
+
+
+def readme_example() -> str:
+    """The README's status indicator example, as written."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text("utf-8")
+    section = readme.split("\n## Browser client\n", 1)[1]
+    return section.split("```html\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_status_indicator_example_works(
+    context: Any, gateway_factory: GatewayFactory, redis_url: str, prefix: str, pub: Publisher
+) -> None:
+    """Served at the gateway's origin with a token endpoint, the README's page goes open (in
+    green) and logs a job's progress and a plain message with their ids."""
+    gateway = gateway_factory("--prefix", prefix, "--jwt-secret", SECRET, redis_url=redis_url)
+    token = hs256(subscribe=["user:alice", "jobs:42"], ttl=600)
+    page = context.new_page()
+    page.route(
+        gateway.url + "/app.html",
+        lambda route: route.fulfill(body=PAGE + readme_example(), content_type="text/html"),
+    )
+    page.route(gateway.url + "/api/sse-token", lambda route: route.fulfill(body=token))
+    page.goto(gateway.url + "/app.html")
+    page.wait_for_function(
+        "() => document.getElementById('status').textContent === 'open'", timeout=WAIT_MS
+    )
+    assert page.evaluate("() => document.getElementById('status').style.color") == "green"
+    done = {"current": 1, "total": 2, "percent": 50}
+    progress = {"job": "resize", "jobId": "j1", "progress": done}
+    first = pub.publish("jobs:42", progress, "progress")
+    second = pub.publish("user:alice", "hello")
+    page.wait_for_function(
+        "() => document.querySelectorAll('#log li').length >= 2", timeout=WAIT_MS
+    )
+    lines = page.evaluate("() => [...document.querySelectorAll('#log li')].map(l => l.textContent)")
+    assert lines == [f"{first} resize: 50%", f"{second} hello"], lines
