@@ -25,17 +25,31 @@ from publisher._redis import (
     connect_async,
 )
 from publisher._schema import DEFAULT_PREFIX, Keys
+from publisher.subscriber import (
+    AsyncSubscription,
+    Event,
+    Subscription,
+    SubscriptionError,
+    asubscribe,
+    subscribe,
+)
 
 __all__ = [
     "AsyncJob",
     "AsyncPublisher",
+    "AsyncSubscription",
+    "Event",
     "Job",
     "Message",
     "NotReplicated",
     "PublishError",
     "Publisher",
     "Retention",
+    "Subscription",
+    "SubscriptionError",
+    "asubscribe",
     "make_message",
+    "subscribe",
 ]
 
 EventArg = tuple[TopicArg, Any] | tuple[TopicArg, Any, str | None]
