@@ -469,9 +469,9 @@ class BrowserParser(EventParser):
         self.dispatched_id = self.last_id
 
     def _line(self, line: str, events: list[ServerEvent]) -> None:
-        if not line:
-            self.dispatched_id = self.last_id
         super()._line(line, events)
+        if not line:  # after the parser's own dispatch, whichever moment it takes the id at
+            self.dispatched_id = self.last_id
 
 
 class ChunkedDecoder:
