@@ -295,3 +295,28 @@ def test_subscribe_checks_its_options(page: Any) -> None:
                              catch (e) { return e.constructor.name + ": " + e.message; } }))"""
     )
     assert all(m and m.startswith("TypeError: subscribe: ") for m in messages), messages
+
+
+@TRANSPORTS
+def test_the_request_names_topics_since_types_and_token(page: Any, transport: str) -> None:
+    """`since` is sent until an id is known; the token comes from the function each time."""
+    answers = [(200, STREAM, 'id: 4-0\nevent: n\ndata: {"seq": 1}\n\n'), BAD_REQUEST]
+    server = Server(page, answers)
+    page.evaluate("() => { window.calls = 0; }")
+    page.evaluate(
+        FOLLOW.replace("...options,", "...options, token: async () => `tok${++window.calls}`,"),
+        {"topics": ["a", "b:c"], "since": 1795240893212, "types": ["n", "message"],
+         "transport": transport, "backoff": {"initial": 50, "max": 100}},
+    )  # fmt: skip
+    wait_closed(page)
+    (first, headers1, _), (second, headers2, _), *_ = server.requests
+    common = "topic=a&topic=b%3Ac"
+    assert first.startswith(f"{ORIGIN}/events?{common}&since=1795240893212&types=n%2Cmessage")
+    assert "since" not in second, second
+    if transport == "fetch":
+        assert "token" not in first + second
+        assert headers1["authorization"] == "Bearer tok1"
+        assert headers2["authorization"] == "Bearer tok2"
+    else:
+        assert first.endswith("&token=tok1"), first
+        assert second == f"{ORIGIN}/events?{common}&lastEventID=4-0&types=n%2Cmessage&token=tok2"
