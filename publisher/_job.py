@@ -6,9 +6,10 @@ given, ``message``; ``completed`` and ``failed`` carry the last progress reporte
 ``failed`` carries ``error: {type, message}``.
 
 Throttling: consecutive ``progress`` events of one job are at least ``1 / progress_rate``
-seconds apart. A report that comes sooner is not sent but kept; a later report that may be
-sent replaces it, and if the job ends first, the kept one is sent on exit, before
-``completed`` or ``failed``. A report of 100 % (``current >= total``) is always sent at once.
+seconds apart. A report that comes sooner is not sent but kept, and any later report replaces
+it; if the job ends while one is kept, it is sent on exit, before ``completed`` or ``failed``.
+Nothing is sent in the background (no thread, no task): a kept report waits for the next
+report or the end of the job. A report of 100 % (``current >= total``) is always sent at once.
 """
 
 from __future__ import annotations
