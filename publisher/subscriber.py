@@ -22,10 +22,12 @@ It behaves like the browser's ``/client.js``:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import random
+import socket
 import threading
 import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Sequence
@@ -275,6 +277,20 @@ class _Core:
             return self.hint
         return self.backoff()
 
+    def closed_by_server(self) -> float:
+        delay = self.ended()
+        log.info("stream ended by the server; resuming after %s in %.1fs", self._after(), delay)
+        return delay
+
+    def lost(self, exc: Exception) -> float:
+        """An open stream broke off (a cut, a node that died): resume after a delay."""
+        delay = self.ended()
+        log.info("stream lost (%s); resuming after %s in %.1fs", exc, self._after(), delay)
+        return delay
+
+    def _after(self) -> str:
+        return self.parser.last_id or "the start"
+
     def failed(self, exc: Exception) -> float:
         self.status = "reconnecting"
         self.parser.reset()
@@ -351,11 +367,11 @@ class Subscription:
                         core.opened()
                         for chunk in response.iter_bytes():
                             yield from core.feed(chunk)
-                        delay = core.ended()
+                        delay = core.closed_by_server()
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if self._closed.is_set():
                     break
-                delay = core.failed(exc) if core.status != "open" else core.ended()
+                delay = core.failed(exc) if core.status != "open" else core.lost(exc)
             finally:
                 self._response = None
             core.status = "reconnecting"
@@ -377,11 +393,11 @@ class Subscription:
     def close(self) -> None:
         """Stop for good; safe to call from another thread (it ends a blocked read)."""
         self._closed.set()
-        if (response := self._response) is not None:
-            response.close()
         try:
             self._events.close()
-        except ValueError:  # being iterated in another thread: it stops at its next step
+        except ValueError:  # being iterated in another thread: wake its read, it stops then
+            if (response := self._response) is not None:
+                _shut_down(response)
             return
         self._close_client()
         self._core.status = "closed"
@@ -400,6 +416,16 @@ class Subscription:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _shut_down(response: httpx.Response) -> None:
+    """Shut the response's socket down, which ends a read blocked on it in another thread
+    (closing the response there would not: a blocked ``recv`` does not notice a ``close``)."""
+    stream = response.extensions.get("network_stream")
+    sock = stream.get_extra_info("socket") if stream is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def _read_some(chunks: Iterator[bytes]) -> bytes:
@@ -482,9 +508,9 @@ class AsyncSubscription:
                         async for chunk in response.aiter_bytes():
                             for event in core.feed(chunk):
                                 yield event
-                        delay = core.ended()
+                        delay = core.closed_by_server()
             except httpx.TransportError as exc:
-                delay = core.failed(exc) if core.status != "open" else core.ended()
+                delay = core.failed(exc) if core.status != "open" else core.lost(exc)
             core.status = "reconnecting"
             try:
                 await asyncio.wait_for(self._closed.wait(), delay)

@@ -272,3 +272,20 @@ def test_failed_attempts_wait_growing_jittered_delays() -> None:
     core.opened()
     assert core.failed(OSError("refused")) <= 0.05
     sub.close()
+
+
+def test_close_from_another_thread_ends_a_blocked_read(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory("--heartbeat", "300")
+    sub = subscribe(gateway.url, "quiet")
+    got: list[Event] = []
+    reader = threading.Thread(target=lambda: got.extend(sub))
+    reader.start()
+    deadline = time.monotonic() + DEADLINE
+    while sub.status != "open":
+        assert time.monotonic() < deadline, sub.status
+        time.sleep(0.02)
+    sub.close()
+    reader.join(10)
+    assert not reader.is_alive(), "close() did not end the blocked read"
+    assert got == []
+    assert sub.status == "closed"
