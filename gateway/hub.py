@@ -378,13 +378,21 @@ class Hub:
             sub.close(reason)
 
     async def _heartbeats(self) -> None:
-        """One timer for every connection: a ping after ``heartbeat`` seconds of silence."""
+        """One timer for every connection: a ping after ``heartbeat`` seconds of silence.
+
+        With it goes a position line (``id:`` without data) when the engine has delivered every
+        live frame through a newer id than the client's (``Engine.delivered_through``): no
+        frame at or below that id can still arrive for a live client, so its Last-Event-ID
+        may move there. A client on a quiet topic is thereby never older than the retention
+        age, and its reconnect is not told ``reset`` once the topic's history expired. At most
+        one short line per idle client per heartbeat; nothing per event."""
         loop = asyncio.get_running_loop()
         tick = max(0.02, min(1.0, self.heartbeat / 10))
         while True:
             await asyncio.sleep(tick)
             now = loop.time()
             quiet_since = now - self.heartbeat
+            through = self.engine.delivered_through()
             for sub in list(self.subscribers):
                 if sub.direct is not None:
                     self._check_stall(sub, now)
@@ -394,6 +402,9 @@ class Hub:
                     and not sub.wire
                     and sub.last_write <= quiet_since
                 ):
+                    if through is not None and through > sub.last_key:
+                        sub.last_key = through
+                        sub.behind = True
                     sub.write_raw(sub.position_line() + PING if sub.behind else PING)
             if self.dirty and not self._flush_pending:
                 self._schedule_flush()

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import abc
 import heapq
+import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
+from typing import NamedTuple
 
 from publisher import Message
 from publisher._frames import encode_frame, event_name
@@ -74,7 +77,8 @@ class ResetReason(StrEnum):
     HISTORY_LOST = "history_lost"
     """The engine holds no history from before the position (flushed, new, or restarted)."""
     TRIMMED = "trimmed"
-    """Retention removed events after the position."""
+    """Retention removed events after the position: trimmed by count or age, or the topic's
+    whole history expired after it was quiet for the retention age (see :func:`check_history`)."""
     FUTURE_ID = "future_id"
     """The position is newer than any id this engine has issued."""
 
@@ -99,12 +103,23 @@ Entry = tuple[Frame, int]
 TopicRead = list[Entry] | HistoryBroken
 
 
+class Head(NamedTuple):
+    """What a replay reads first."""
+
+    clock: int | None
+    """The newest id issued (None when unknown)."""
+    origin: int | None
+    """The first id ever issued (None when unknown)."""
+    now_ms: int
+    """The engine's time, read with the clock (epoch milliseconds): Redis ``TIME``."""
+
+
 class History(abc.ABC):
     """What a paged replay reads: the clock, and entries of one topic after an id."""
 
     @abc.abstractmethod
-    async def head(self) -> tuple[int | None, int | None]:
-        """The newest id issued and the first one ever issued (None when unknown)."""
+    async def head(self) -> Head:
+        """The clock, the origin and the engine's time, read in one round."""
 
     @abc.abstractmethod
     async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
@@ -112,6 +127,9 @@ class History(abc.ABC):
         ``after``, in id order, or why that topic cannot be read."""
 
 
+EXPIRY_MARGIN = 1.0
+"""Seconds by which a position counts as older than the retention age sooner than exact (clock
+skew after a failover, ids a little ahead of the time): it errs toward ``reset``."""
 REPLAY_PAGE = 1000
 """Most entries read from one topic at a time."""
 REPLAY_PAGE_BYTES = 256 * 1024
@@ -132,6 +150,10 @@ class Replay:
 
     :attr:`clock` is read when the replay begins: later ids arrive live. :meth:`extend` moves
     it to the clock of now, for a caller that could not keep the live frames meanwhile.
+
+    ``max_age`` is the retention age of the histories read (0: none): a topic quiet that long
+    loses its whole history, which the first round detects by its lack of entries (see
+    :func:`check_history`).
     """
 
     def __init__(
@@ -142,6 +164,7 @@ class Replay:
         *,
         drop_broken: bool = False,
         page_bytes: int = REPLAY_PAGE_BYTES,
+        max_age: float = 0.0,
     ) -> None:
         self.history = history
         self.topics = tuple(topics)
@@ -150,6 +173,7 @@ class Replay:
         """Drop a topic whose history is broken or has a gap and go on with the others
         (instead of raising :class:`HistoryBroken` / stopping at the gap)."""
         self.page_bytes = page_bytes
+        self.max_age = max_age
         self.reset: Reset | None = None
         self.clock = 0
         """The newest id when the replay (or its last :meth:`extend`) began; 0 when none."""
@@ -161,6 +185,8 @@ class Replay:
         self._buffers: dict[str, deque[Frame]] = {t: deque() for t in self.topics}
         self._done = dict.fromkeys(self.topics, position is None)
         self._missing = dict.fromkeys(self.topics, 0)
+        self._unproven: list[str] = []
+        """Topics whose first round shows no entry linked to one at or before the position."""
         self._emitted = -1
         self._stop: int | None = None
         self._opening = False
@@ -171,21 +197,26 @@ class Replay:
         """Read the clock, then (with a position) the first round, and decide the ``reset``."""
         if self.history is None:
             return
-        clock, origin = await self.history.head()
-        self.clock = clock or 0
+        started = time.monotonic()
+        head = await self.history.head()
+        self.clock = head.clock or 0
         if self.position is None:
             self._last = dict.fromkeys(self.topics, self.clock)  # for extend(): from here on
             return
         self._opening = True
         await self._read_round()
         self._opening = False
-        self.reset = check_history(self.position, self.topics, clock, origin, self._missing.items())
+        horizon = expiry_horizon(head, self.max_age, time.monotonic() - started)
+        self.reset = check_history(
+            self.position, self.topics, head.clock, head.origin, self._missing.items(),
+            unproven=self._unproven, horizon=horizon,
+        )  # fmt: skip
 
     async def extend(self) -> None:
         """Go on reading up to the clock of now (every topic from where it stopped)."""
         if self.history is None or self._stop is not None:
             return
-        clock, _ = await self.history.head()
+        clock = (await self.history.head()).clock
         if clock is not None and clock > self.clock:
             self.clock = clock
             for topic in self._live_topics():
@@ -235,6 +266,8 @@ class Replay:
         buffer = self._buffers[topic]
         last = self._last[topic]
         done = len(entries) < count
+        if self._opening and (not entries or entries[0][1] == 0):
+            self._unproven.append(topic)  # no entry after the position, or a history begun anew
         for frame, prev in entries:
             if prev > last:
                 if self._opening:
@@ -287,17 +320,47 @@ class Replay:
         return runs
 
 
+def expiry_horizon(head: Head, max_age: float, elapsed: float) -> int | None:
+    """The id below which a position may predate events of a topic whose whole history expired
+    (None when histories have no retention age, so never expire whole).
+
+    ``elapsed``: seconds from reading ``head`` to the end of the reads it is checked against,
+    so the horizon stands for the engine's time when those reads ran (or later). Ids ahead of
+    the time (a clock set forward) move it with them; :data:`EXPIRY_MARGIN` moves it later."""
+    if max_age <= 0:
+        return None
+    now_ms = max(head.now_ms + math.ceil(elapsed * 1000), (head.clock or 0) >> 64)
+    horizon_ms = now_ms - math.floor(max_age * 1000) + math.ceil(EXPIRY_MARGIN * 1000)
+    return max(0, horizon_ms) << 64
+
+
 def check_history(
     position: Position,
     topics: Sequence[str],
     clock: int | None,
     origin: int | None,
     trimmed: Iterable[tuple[str, int]],
+    *,
+    unproven: Iterable[str] = (),
+    horizon: int | None = None,
 ) -> Reset | None:
     """Whether the events after ``position`` can be replayed in full (see DESIGN.md §4).
 
     ``trimmed`` pairs each topic with the highest id known to be missing from its history
     (0 when none is).
+
+    ``unproven`` names the topics whose history holds no entry after the position, or whose
+    first entry after it began a new history (back-link ``0-0``): no back-link tells whether
+    events after the position were lost. With a retention age, a topic's history expires whole
+    once nobody publishes to it for that age (the publish script refreshes the stream's TTL at
+    every publish; the embedded engine forgets it likewise), so ``horizon``
+    (:func:`expiry_horizon`) decides. If an event ``e`` of such a topic was published after the
+    position and is gone, its history expired after ``e``, so ``e`` is older than now - max_age
+    and below the horizon: a position at or above the horizon cannot have missed anything; one
+    below it may have, and is told ``reset: trimmed`` for these topics. So is a position at or
+    above the clock: nothing was published after it. The rule holds while the retention age of
+    every publisher is at least ``max_age`` (a node with a longer one could miss a loss).
+    A position at the beginning asks for what is retained and is not told.
     """
     after = position.after_key
     if not position.from_beginning:
@@ -309,7 +372,15 @@ def check_history(
                 return Reset(ResetReason.FUTURE_ID, tuple(topics))
             if after < origin and not (position.kind is PositionKind.SINCE and after + 1 == origin):
                 return Reset(ResetReason.HISTORY_LOST, tuple(topics))
-    lost = tuple(topic for topic, deleted in trimmed if deleted > after)
+    gone = {topic for topic, deleted in trimmed if deleted > after}
+    if (
+        horizon is not None
+        and clock is not None
+        and not position.from_beginning
+        and after < min(clock, horizon)
+    ):
+        gone.update(unproven)
+    lost = tuple(topic for topic in topics if topic in gone)
     return Reset(ResetReason.TRIMMED, lost) if lost else None
 
 
@@ -384,6 +455,13 @@ class Engine(abc.ABC):
         """Publish in order and return the ids in order (engines that can send the events
         together override this)."""
         return [await self.publish(message) for message in messages]
+
+    def delivered_through(self) -> int | None:
+        """An id through which every live frame of every subscribed topic has reached
+        ``on_frame`` (or came before the subscription, so a replay read it), and after which no
+        frame at or below it can still arrive; None when unknown (e.g. a link down or
+        backfilling). The hub sends it to idle subscribers as their position."""
+        return None
 
 
 def merge_unique(runs: Sequence[Sequence[Frame]]) -> list[Frame]:

@@ -7,7 +7,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from gateway.engines.base import Engine, Frame, History, Position, Replay, TopicRead
+from gateway.engines.base import Engine, Frame, Head, History, Position, Replay, TopicRead
 from publisher import Message, Retention
 from publisher._schema import key_to_id
 
@@ -104,9 +104,13 @@ class MemoryEngine(Engine):
         return event_id
 
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        replay = Replay(_MemoryHistory(self), topics, position)
+        replay = Replay(_MemoryHistory(self), topics, position, max_age=self.retention.max_age)
         await replay.open()
         return replay
+
+    def delivered_through(self) -> int | None:
+        """The clock: each publish hands its frame to ``on_frame`` before it returns."""
+        return self._clock
 
 
 class _MemoryHistory(History):
@@ -116,8 +120,12 @@ class _MemoryHistory(History):
     def __init__(self, engine: MemoryEngine) -> None:
         self.engine = engine
 
-    async def head(self) -> tuple[int | None, int | None]:
-        return self.engine._clock, self.engine._origin
+    async def head(self) -> Head:
+        """The engine's time is the later of the wall clock and the clock's: a topic is
+        forgotten at a publish more than the retention age after its last one (by id)."""
+        clock = self.engine._clock
+        now_ms = max(int(time.time() * 1000), (clock or 0) >> 64)
+        return Head(clock, self.engine._origin, now_ms)
 
     async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
         results: list[TopicRead] = []

@@ -26,6 +26,7 @@ from gateway.engines.base import (
     Engine,
     EngineUnavailable,
     Frame,
+    Head,
     Health,
     History,
     HistoryBroken,
@@ -127,13 +128,19 @@ class RedisHistory(History):
         self.keys = keys
         self.slots = slots
 
-    async def head(self) -> tuple[int | None, int | None]:
+    async def head(self) -> Head:
         try:
-            async with self.slots:
-                clock, origin = await self.client.mget(self.keys.clock, self.keys.origin)
+            async with self.slots, self.client.pipeline(transaction=False) as pipe:
+                pipe.mget(self.keys.clock, self.keys.origin)
+                pipe.time()
+                (clock, origin), (seconds, micros) = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"reading the clock failed: {exc}") from None
-        return _stored_id(self.keys, "clock", clock), _stored_id(self.keys, "origin", origin)
+        return Head(
+            _stored_id(self.keys, "clock", clock),
+            _stored_id(self.keys, "origin", origin),
+            int(seconds) * 1000 + int(micros) // 1000,
+        )
 
     async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
         try:
@@ -185,8 +192,9 @@ class RedisEngine(Engine):
         self._slots = asyncio.Semaphore(REDIS_CONCURRENCY)
         self.history = RedisHistory(self.client, self.keys, self._slots)
         self.publish_replicas = publish_replicas
+        self.retention = retention or Retention()
         self.transport = AsyncRedisTransport(
-            self.client, self.keys, retention or Retention(),
+            self.client, self.keys, self.retention,
             retry_for=PUBLISH_RETRY_FOR, idempotency_ttl=idempotency_ttl,
             wait_replicas=publish_replicas,
         )  # fmt: skip
@@ -199,6 +207,9 @@ class RedisEngine(Engine):
         self._ready_key = f"{self.keys.prefix}:ready:{node}"
         """A short-lived key written by each readiness check: does Redis accept writes?"""
         self._probe_seen = asyncio.Event()
+        self._probe_token = b""
+        """The payload of the probe in flight: only its own return counts."""
+        self._probes = 0
         self._conn: AbstractConnection | None = None
         self._connected = asyncio.Event()
         self._confirmations: dict[bytes, deque[asyncio.Future[None] | None]] = {}
@@ -374,7 +385,9 @@ class RedisEngine(Engine):
             since = None
             if self._seen is not None and topics:
                 since = Position.after(key_to_id(self._seen))
-            backfill = Replay(self.history, topics, since, drop_broken=True)
+            backfill = Replay(
+                self.history, topics, since, drop_broken=True, max_age=self.retention.max_age
+            )
             await backfill.open()
             await self._backfill(backfill)
         except (RedisError, OSError, TimeoutError) as exc:
@@ -493,14 +506,44 @@ class RedisEngine(Engine):
                     log.warning("pub/sub link is on a former primary; moving to %s:%s", *primary)
                     await conn.disconnect()
                     continue
-                await asyncio.wait_for(self.client.publish(self._probe_channel, b"probe"), timeout)
+                self._probes += 1
+                self._probe_token = token = b"probe %d" % self._probes
+                clock = await asyncio.wait_for(self._clock_and_probe(token), timeout)
                 await asyncio.wait_for(self._probe_seen.wait(), timeout)
+                if clock is not None and conn is self._conn and self._held is None:
+                    # Still the link the probe went through, live all along: every frame of a
+                    # subscribed topic up to that clock has arrived (the probe came after it).
+                    self._seen = max(self._seen or 0, clock)
             except TimeoutError:  # before OSError, of which it is a subclass
                 if conn is self._conn:
                     log.warning("pub/sub link is silent: reconnecting")
                     await conn.disconnect()
             except (RedisError, OSError):
                 continue  # Redis itself is unreachable; the reader notices on its own
+
+    async def _clock_and_probe(self, token: bytes) -> int | None:
+        """Read the clock, then publish the probe, in that order on one connection. Redis sends
+        a subscriber its messages in the order they were published, and the publish script
+        sets the clock and publishes atomically: once the probe is back on the link, every
+        frame up to that clock on the topics it is subscribed to has arrived before it. So the
+        node's position keeps up with the clock while its own topics are quiet."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.clock)
+            pipe.publish(self._probe_channel, token)
+            clock, _ = await pipe.execute()
+        try:
+            return _stored_id(self.keys, "clock", clock)
+        except InvalidStore:
+            return None
+
+    def delivered_through(self) -> int | None:
+        """``_seen`` while the link is up and not backfilling. The publish script issues ids and
+        publishes in one atomic step, so frames arrive in id order; each is handed on as it
+        arrives, and a backfill hands on held frames only above what it read. So no frame at or
+        below it can still arrive."""
+        if self._conn is None or self._held is not None:
+            return None
+        return self._seen
 
     async def _primary_address(self) -> tuple[str, int] | None:
         """Under Sentinel, where the primary is now (None otherwise).
@@ -528,7 +571,8 @@ class RedisEngine(Engine):
         if kind == b"message":
             channel = message[1]
             if channel == self._probe_channel:
-                self._probe_seen.set()
+                if message[2] == self._probe_token:
+                    self._probe_seen.set()
                 return
             try:
                 topic = channel[len(self._channel_prefix) :].decode()
@@ -588,7 +632,7 @@ class RedisEngine(Engine):
     # -- history --------------------------------------------------------------------------------
 
     async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
-        replay = Replay(self.history, topics, position)
+        replay = Replay(self.history, topics, position, max_age=self.retention.max_age)
         await replay.open()
         return replay
 
