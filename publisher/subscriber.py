@@ -224,7 +224,6 @@ class _Core:
     def opened(self) -> None:
         self.parser.reset()
         self.status = "open"
-        self.failures = 0
         self.refused_tokens = 0
         self.next_delay = None
         self.hint = None
@@ -233,12 +232,15 @@ class _Core:
         """Parse a chunk; return the events for the caller, act on the control events."""
         self.parser.retry = None
         events = self.parser.feed(chunk)
+        accepted = "ok" in self.parser.comments  # the preamble of a stream (not a refusal)
         self.parser.comments.clear()
         out: list[Event] = []
         for event in events:
             self.hint = None
             if (item := self._event(event)) is not None:
                 out.append(item)
+        if accepted or out:
+            self.failures = 0  # a good open: the backoff starts over
         if self.parser.retry is not None:
             self.hint = self.parser.retry / 1000
         return out
@@ -509,7 +511,9 @@ class AsyncSubscription:
                             for event in core.feed(chunk):
                                 yield event
                         delay = core.closed_by_server()
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                if self._closed.is_set():
+                    break
                 delay = core.failed(exc) if core.status != "open" else core.lost(exc)
             core.status = "reconnecting"
             try:

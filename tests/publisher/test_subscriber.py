@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -270,6 +272,11 @@ def test_failed_attempts_wait_growing_jittered_delays() -> None:
     assert all(0 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
     assert len(set(delays)) > 1
     core.opened()
+    core.feed(b"retry: 3000\n: refused: node_full\n\n")
+    assert core.failures == 8, "a refusal is not a good open"
+    core.opened()
+    core.feed(b"retry: 3000\n\n: ok\n\n")
+    assert core.failures == 0, "the preamble of a stream is"
     assert core.failed(OSError("refused")) <= 0.05
     sub.close()
 
@@ -289,3 +296,50 @@ def test_close_from_another_thread_ends_a_blocked_read(gateway_factory: GatewayF
     assert not reader.is_alive(), "close() did not end the blocked read"
     assert got == []
     assert sub.status == "closed"
+
+
+class Refusals(logging.Handler):
+    """Sets ``seen`` when the subscriber logs a temporary refusal."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "refused for now" in record.getMessage():
+            self.seen.set()
+
+
+def test_a_refusal_is_retried_after_its_retry_ms_and_not_yielded(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """``event: refused`` (here: the node is full) is temporary: the subscriber retries and
+    gets its stream once there is room, and never yields the refusal."""
+    gateway = gateway_factory("--max-connections", "1", "--retry-ms", "200")
+    with Publisher.from_url(gateway.url) as pub:
+        first = pub.publish("t", "first")
+    blocker = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+    blocker.sendall(b"GET /events?topic=other HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert blocker.recv(4096).startswith(b"HTTP/1.1 200")
+    handler = Refusals()
+    logger = logging.getLogger("publisher.subscriber")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def free_the_slot() -> None:
+        handler.seen.wait(DEADLINE)
+        blocker.close()
+
+    freer = threading.Thread(target=free_the_slot)
+    freer.start()
+    try:
+        with subscribe(gateway.url, "t", since=0, initial=5.0) as sub:
+            (event,) = take(sub, 1)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        handler.seen.set()
+        freer.join(10)
+        blocker.close()
+    assert handler.seen.is_set()
+    assert (event.id, event.type, event.data) == (first, "message", "first")
