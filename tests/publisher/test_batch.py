@@ -183,3 +183,29 @@ def test_single_events_keep_the_old_answer(gateway_factory: GatewayFactory, coun
     ids = HttpTransport(gateway.url).send([make_message("t", n) for n in range(count)])
     assert len(ids) == count
     assert position(gateway.url) == ids[-1]
+
+
+def test_a_storage_failure_in_a_batch_says_that_other_events_may_be_stored(
+    gateway_factory: GatewayFactory, redis_url: str, redis_client: Any, prefix: str
+) -> None:
+    """Issue 11: the Redis engine stores each event of a batch on its own. When one fails
+    for good (a topic whose key is not a stream: 409), the answer says that other events of
+    the batch may have been stored, and they were, once each."""
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    redis_client.set(f"{prefix}:s:broken", "not a stream")
+    items = [
+        {"topic": "fine", "data": "a", "idempotency_key": "a"},
+        {"topic": "broken", "data": "b", "idempotency_key": "b"},
+        {"topic": "fine", "data": "c", "idempotency_key": "c"},
+    ]
+    for _ in range(2):
+        answer = post(gateway.url, items)
+        assert answer.status_code == 409, answer.text
+        body = answer.json()
+        assert body["error"] == "topic_storage_conflict"
+        assert "may have been stored" in body["batch"]
+    assert post(gateway.url, {"topic": "fine", "data": "end"}).status_code == 200
+    done = asyncio.run(
+        collect(gateway.url, ["fine"], lambda s: any(e.data == "end" for e in s.events), since=0)
+    )
+    assert [e.data for e in done.events] == ["a", "c", "end"]
