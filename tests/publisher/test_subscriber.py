@@ -199,7 +199,7 @@ def test_a_token_function_refreshes_the_async_iterator_too(
     gateway_factory: GatewayFactory,
 ) -> None:
     gateway = gateway_factory("--jwt-secret", SECRET, "--jwt-leeway", "0")
-    tokens = Tokens(short=1.0)
+    tokens = Tokens(short=2.0)
 
     async def token() -> str:
         return tokens()
