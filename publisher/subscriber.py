@@ -128,7 +128,7 @@ def _events_url(url: str) -> str:
 
 @dataclass
 class _Attempt:
-    """What one connection ended with: the delay before the next and whether to refresh."""
+    """How a refused attempt ends: the delay before the next, or the error that stops."""
 
     delay: float
     error: SubscriptionError | None = None
@@ -222,8 +222,8 @@ class _Core:
         return _Attempt(delay)
 
     def opened(self) -> None:
+        """A 200 event stream: a stream, or a temporary refusal (``event: refused``)."""
         self.parser.reset()
-        self.status = "open"
         self.refused_tokens = 0
         self.next_delay = None
         self.hint = None
@@ -240,6 +240,7 @@ class _Core:
             if (item := self._event(event)) is not None:
                 out.append(item)
         if accepted or out:
+            self.status = "open"
             self.failures = 0  # a good open: the backoff starts over
         if self.parser.retry is not None:
             self.hint = self.parser.retry / 1000
