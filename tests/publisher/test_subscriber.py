@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 import time
@@ -343,3 +344,23 @@ def test_a_refusal_is_retried_after_its_retry_ms_and_not_yielded(
         blocker.close()
     assert handler.seen.is_set()
     assert (event.id, event.type, event.data) == (first, "message", "first")
+
+
+def test_a_node_killed_and_restarted_loses_and_repeats_nothing(
+    redis_url: str, prefix: str, gateway_factory: GatewayFactory
+) -> None:
+    """A node SIGKILLed mid-stream: the subscriber retries while it is down and resumes from
+    Redis once it is back, with the events published meanwhile, each once."""
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    with (
+        Publisher.from_url(redis_url, prefix=prefix) as pub,
+        subscribe(gateway.url, "t", since=0, initial=0.1, maximum=0.5) as sub,
+    ):
+        ids = [pub.publish("t", seq) for seq in range(3)]
+        before = take(sub, 3)
+        gateway.stop(signal.SIGKILL)
+        ids += [pub.publish("t", seq) for seq in range(3, 6)]
+        gateway.start()
+        after = take(sub, 3)
+    assert [e.id for e in before + after] == ids
+    assert [e.value for e in before + after] == list(range(6))
