@@ -119,7 +119,7 @@ def test_a_wrong_type_key_fails_only_its_topic_through_pubsub_kills(chaos: Chaos
     with contextlib.closing(server.client()) as admin:
         for round_ in (1, 2):
             with contextlib.suppress(AssertionError):  # refused for good is fine too
-                wait_connected(bad, DEADLINE)
+                wait_connected(bad, 3)
             count, waited, found = _kill_pubsub(admin, clients, bad, nodes, publisher)
             killed.append(count)
             recovered.append(round(waited, 1))
