@@ -441,11 +441,20 @@ class Gateway:
             raise too_large
         chunks = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
+        timeout = self.settings.header_timeout
+        try:
+            # A body trickled for ever would hold its connection as a slow head did.
+            async with asyncio.timeout(timeout):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise HTTPError(
+                408, "body_timeout", f"the request body must arrive within {timeout:g}s",
+                {"connection": "close"},
+            ) from None  # fmt: skip
         return b"".join(chunks)
 
     async def healthz(self, request: Request) -> Response:

@@ -115,7 +115,9 @@ class Settings:
     max_query_bytes: int = _opt(8192, "longest query string accepted")
     max_header_bytes: int = _opt(16384, "largest total size of a request's headers")
     header_timeout: float = _opt(
-        15.0, "seconds a connection has to send a request's complete headers (slowloris)"
+        15.0,
+        "seconds a connection has to send a request's complete headers, then a publish's body "
+        "(slowloris)",
     )
     demo: bool = _opt(
         False, "serve /demo, a live page fed by simulated jobs published in this node (development)"
