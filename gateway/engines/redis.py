@@ -77,6 +77,8 @@ def _pubsub_pool(url: str) -> ConnectionPool:
     }
     target = sentinel_target(url)
     if target is None:
+        if url.startswith("unix://"):
+            del options["socket_keepalive"]  # a unix socket connection does not take it
         return ConnectionPool.from_url(url, **options)
     sentinel = Sentinel(target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call]
     return SentinelConnectionPool(  # type: ignore[no-untyped-call]

@@ -1,0 +1,63 @@
+"""A node reaches Redis over a unix socket, as ``--redis-url unix://`` is documented to."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.support.gateway import GatewayProcess
+
+
+@pytest.fixture
+def unix_redis() -> Iterator[str]:
+    """A redis-server listening on a unix socket only (short path: sockets allow ~100 bytes)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is missing")
+    directory = Path(tempfile.mkdtemp(prefix="sse-redis-", dir="/tmp"))
+    sock = directory / "redis.sock"
+    process = subprocess.Popen(
+        [server, "--port", "0", "--unixsocket", str(sock), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        cwd=directory,
+    )
+    try:
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+        yield f"unix://{sock}"
+    finally:
+        process.terminate()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_node_on_a_unix_socket_url_becomes_ready_and_publishes(unix_redis: str) -> None:
+    """The pub/sub link's pool passed ``socket_keepalive`` to unix socket connections, which
+    do not take it: the link never came up (logged only as "not reachable") and the node
+    stayed unready for ever."""
+    gateway = GatewayProcess(redis_url=unix_redis)
+    try:
+        gateway.start(timeout=10)
+        ready = httpx.get(f"{gateway.url}/readyz", timeout=5).json()
+        assert ready["link"] == "up", ready
+        answer = httpx.post(f"{gateway.url}/publish", json={"topic": "t", "data": "x"}, timeout=5)
+        assert answer.status_code == 200, answer.text
+    finally:
+        gateway.close()
