@@ -103,14 +103,18 @@ class Settings:
     max_connections: int = _opt(10_000, "open streams per node (0: unlimited)")
     max_connections_per_subject: int = _opt(64, "open streams per token subject (0: unlimited)")
     max_connections_per_address: int = _opt(
-        0, "open streams per client address (0: unlimited; behind a balancer, one address is many)"
+        0,
+        "open streams per client address (0: unlimited; behind a balancer, one address is many;"
+        " while both per-address options are 0, public addresses get 1000)",
     )
     max_topics: int = _opt(64, "topics per stream and per publish")
     connect_rate: float = _opt(
         20.0, "new streams per second per token subject, bursts of twice that (0: unlimited)"
     )
     connect_rate_per_address: float = _opt(
-        0.0, "new streams per second per client address, bursts of twice that (0: unlimited)"
+        0.0,
+        "new streams per second per client address, bursts of twice that (0: unlimited;"
+        " while both per-address options are 0, public addresses get 50)",
     )
     max_query_bytes: int = _opt(8192, "longest query string accepted")
     max_header_bytes: int = _opt(16384, "largest total size of a request's headers")

@@ -78,8 +78,11 @@ class Admission:
     temporary, so the stream answers a browser with a refusal it retries by itself).
 
     The address is ``scope["client"]``: the peer, or the ``X-Forwarded-For`` address when the
-    peer is a proxy uvicorn trusts (``FORWARDED_ALLOW_IPS``). Per-address limits are off by
-    default, because behind a balancer that does not forward it one address is every client."""
+    peer is a proxy uvicorn trusts (``FORWARDED_ALLOW_IPS``). The per-address options are off by
+    default, because behind a balancer that does not forward it one address is every client;
+    a balancer sits on a private or loopback address, so until they are set, public addresses
+    alone get :data:`PUBLIC_ADDRESS_STREAMS` and :data:`PUBLIC_ADDRESS_RATE`: a node reachable
+    from the internet without a proxy is never one address's to fill."""
 
     def __init__(self, settings: Settings) -> None:
         self.max_connections = settings.max_connections
@@ -89,6 +92,11 @@ class Admission:
         self.by_subject: dict[str, int] = {}
         self.by_address_open: dict[str, int] = {}
         self.by_address = _limiter(settings.connect_rate_per_address)
+        self.public_only = not self.max_per_address and self.by_address is None
+        """No per-address option is set: the built-in limits guard public addresses only."""
+        if self.public_only:
+            self.max_per_address = PUBLIC_ADDRESS_STREAMS
+            self.by_address = _limiter(PUBLIC_ADDRESS_RATE)
         self.by_subject_rate = _limiter(settings.connect_rate)
 
     def check_node(self) -> None:
@@ -99,7 +107,7 @@ class Admission:
             )  # fmt: skip
 
     def check_address(self, address: str | None) -> None:
-        if not address:
+        if not address or (self.public_only and not is_public(address)):
             return
         address = address_key(address)
         if self.max_per_address and self.by_address_open.get(address, 0) >= self.max_per_address:
@@ -131,7 +139,7 @@ class Admission:
         self.open += 1
         if subject is not None:
             self.by_subject[subject] = self.by_subject.get(subject, 0) + 1
-        if address and self.max_per_address:
+        if address and self._counts(address):
             address = address_key(address)
             self.by_address_open[address] = self.by_address_open.get(address, 0) + 1
 
@@ -139,8 +147,29 @@ class Admission:
         self.open -= 1
         if subject is not None:
             _decrement(self.by_subject, subject)
-        if address and self.max_per_address:
+        if address and self._counts(address):
             _decrement(self.by_address_open, address_key(address))
+
+    def _counts(self, address: str) -> bool:
+        return bool(self.max_per_address) and (not self.public_only or is_public(address))
+
+
+PUBLIC_ADDRESS_STREAMS = 1000
+"""Open streams per public address while no per-address option is set."""
+PUBLIC_ADDRESS_RATE = 50.0
+"""New streams per second per public address (bursts of twice that) while none is set."""
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address`` is a globally routable IP address: never a balancer's private,
+    loopback or link-local one (anything unparsable counts as not public)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global
 
 
 def address_key(address: str) -> str:

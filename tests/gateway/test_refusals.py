@@ -22,7 +22,7 @@ import pytest
 
 from gateway.config import Settings
 from gateway.errors import HTTPError
-from gateway.limits import Admission
+from gateway.limits import PUBLIC_ADDRESS_RATE, PUBLIC_ADDRESS_STREAMS, Admission, is_public
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
@@ -197,6 +197,50 @@ def test_by_default_one_address_is_not_limited_as_a_balancer_may_be_every_client
                 assert b"event: refused" not in first, first
     assert statuses == [200] * 120
     assert metric(gateway, "sse_streams_refused_total") == 0
+
+
+def test_by_default_a_public_address_cannot_fill_a_node_but_a_balancer_s_can(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Issue 10 E: one address could take every stream slot of a node reachable without a
+    proxy. With no per-address option set, a public address gets a built-in cap and connect
+    rate; a balancer's private or loopback address (one address, many clients) gets neither."""
+    gateway = gateway_factory()
+    public = {"x-forwarded-for": "8.8.8.8"}
+    balancer = {"x-forwarded-for": "10.1.2.3"}
+    burst = int(2 * PUBLIC_ADDRESS_RATE)
+    with httpx.Client(base_url=gateway.url, timeout=TIMEOUT) as http:
+        for _ in range(burst + 20):
+            assert http.head("/events?topic=t", headers=balancer).status_code == 200
+        accepted = 0  # the burst, plus what refills while these requests run
+        while (answer := http.head("/events?topic=t", headers=public)).status_code == 200:
+            accepted += 1
+            assert accepted < 10 * burst, "a public address was never paced"
+        assert accepted >= burst
+        assert answer.status_code == 429
+        assert int(answer.headers["retry-after"]) >= 1
+    assert metric(gateway, "sse_streams_refused_total", reason="rate_limited") == 1
+
+
+def test_the_built_in_cap_counts_public_addresses_only() -> None:
+    """Issue 10 E: the built-in open-stream cap (no per-address option set) holds a public
+    address at :data:`PUBLIC_ADDRESS_STREAMS` and never counts a private one."""
+    admission = Admission(Settings())
+    for address in ("203.0.113.5", "8.8.4.4", "10.0.0.1", "::ffff:8.8.4.4"):
+        assert is_public(address) == (address.endswith("8.8.4.4")), address
+    admission.by_address = None  # the cap alone, not the connect rate
+    for _ in range(PUBLIC_ADDRESS_STREAMS):
+        admission.check_address("8.8.4.4")
+        admission.opened(None, "8.8.4.4")
+        admission.check_address("10.0.0.1")
+        admission.opened(None, "10.0.0.1")
+    with pytest.raises(HTTPError) as refusal:
+        admission.check_address("::ffff:8.8.4.4")
+    assert (refusal.value.status, refusal.value.error) == (429, "too_many_address_connections")
+    admission.check_address("10.0.0.1")
+    assert admission.by_address_open == {"8.8.4.4": PUBLIC_ADDRESS_STREAMS}
+    admission.closed(None, "8.8.4.4")
+    admission.check_address("8.8.4.4")
 
 
 def test_a_draining_node_gives_event_stream_clients_a_retried_refusal(
