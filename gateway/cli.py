@@ -1,4 +1,4 @@
-"""``sse-gateway serve | publish | tail``."""
+"""``sse-gateway serve | publish | token | tail | pg-bridge``."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway import pg_bridge
 from gateway.app import Gateway
 from gateway.config import (
     ENV_PREFIX,
@@ -293,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail_parser.add_argument(
         "--json", action="store_true", help="one JSON object per event: id, event, data"
     )
+    pg = commands.add_parser("pg-bridge", help="publish a PostgreSQL outbox (needs psycopg)")
+    pg_bridge.add_arguments(pg)
     return parser
 
 
@@ -304,6 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return publish(args)
     if args.command == "token":
         return mint_token(args)
+    if args.command == "pg-bridge":
+        return pg_bridge.main(args)
     from gateway.client import tail
 
     logging.basicConfig(level=logging.WARNING, format="tail: %(message)s")

@@ -1,0 +1,235 @@
+"""The PostgreSQL bridge (issue 12, item 5): a real postgres, a real Redis, a real gateway node
+and real ``sse-gateway pg-bridge`` processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from publisher import Publisher
+from publisher.subscriber import Event, subscribe
+from tests.conftest import GatewayFactory
+from tests.support.gateway import GatewayProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+TOPIC = "orders"
+DONE = "done"
+
+
+@pytest.fixture
+def dsn(postgres_dsn: str) -> Iterator[str]:
+    """A database of the test's own, with the outbox installed by the CLI."""
+    name = "t" + uuid.uuid4().hex[:10]
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    own = f"{postgres_dsn} dbname={name}"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "pg-bridge", "install", "--dsn", own],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    yield own
+    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class Bridges:
+    """``sse-gateway pg-bridge run`` processes, all stopped at the end."""
+
+    def __init__(self, dsn: str, url: str, prefix: str) -> None:
+        self.args = [
+            sys.executable, "-m", "gateway.cli", "pg-bridge", "run", "--dsn", dsn,
+            "--url", url, "--prefix", prefix, "--batch-size", "25", "--poll-interval", "0.5",
+        ]  # fmt: skip
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.processes.append(process)
+        return process
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+
+
+@pytest.fixture
+def setup(
+    dsn: str, redis_url: str, prefix: str, gateway_factory: GatewayFactory
+) -> Iterator[tuple[str, Bridges, GatewayProcess]]:
+    gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
+    bridges = Bridges(dsn, redis_url, prefix)
+    yield dsn, bridges, gateway
+    bridges.stop()
+
+
+class Collector:
+    """A live subscriber on TOPIC that records events until the ``done`` event."""
+
+    def __init__(self, gateway: GatewayProcess) -> None:
+        self.events: list[Event] = []
+        self.count = threading.Condition()
+        self.subscription = subscribe(gateway.url, TOPIC, since=0, read_timeout=30)
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self) -> None:
+        with self.subscription as sub:
+            for event in sub:
+                with self.count:
+                    self.events.append(event)
+                    self.count.notify_all()
+                if event.type == DONE:
+                    return
+
+    def wait_for(self, n: int, timeout: float = 30) -> None:
+        with self.count:
+            assert self.count.wait_for(lambda: len(self.events) >= n, timeout), len(self.events)
+
+    def finish(self, redis_url: str, prefix: str) -> list[Any]:
+        """Every change event up to the ``done`` marker, published once the bridges stopped
+        (so any duplicate would have arrived before it)."""
+        with Publisher.from_url(redis_url, prefix=prefix) as pub:
+            pub.publish(TOPIC, {}, DONE)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        assert self.events[-1].type == DONE
+        return [e.value for e in self.events[:-1]]
+
+
+def write_changes(dsn: str, writers: int, per_writer: int) -> None:
+    """Each transaction emits an event first (its outbox id is taken then), then takes the next
+    number from a shared counter row: commits happen in counter order, ids do not."""
+
+    def writer() -> None:
+        with psycopg.connect(dsn) as conn:
+            for _ in range(per_writer):
+                with conn.transaction():
+                    row = conn.execute(
+                        "SELECT sse_emit(ARRAY[%s], 'change', '{}')", (TOPIC,)
+                    ).fetchone()
+                    assert row is not None
+                    counted = conn.execute("UPDATE counter SET n = n + 1 RETURNING n").fetchone()
+                    assert counted is not None
+                    conn.execute(
+                        "UPDATE sse_outbox SET data = jsonb_build_object('n', %s::int) "
+                        "WHERE id = %s",
+                        (counted[0], row[0]),
+                    )
+            conn.commit()
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE counter (n int NOT NULL)")
+        conn.execute("INSERT INTO counter VALUES (0)")
+    threads = [threading.Thread(target=writer) for _ in range(writers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_changes_reach_a_subscriber_once_in_commit_order_across_bridge_crashes(
+    setup: tuple[str, Bridges, GatewayProcess], redis_url: str, prefix: str
+) -> None:
+    """Issue 12 item 5: 1000 changes committed by four writers while the bridge is SIGKILLed
+    and restarted twice reach a subscriber exactly once, in commit order (the order of the
+    counter row every transaction updates: its row lock orders their commits)."""
+    dsn, bridges, gateway = setup
+    collector = Collector(gateway)
+    bridge = bridges.start()
+    writing = threading.Thread(target=write_changes, args=(dsn, 4, 250))
+    writing.start()
+    for seen in (200, 600):
+        collector.wait_for(seen)
+        bridge.send_signal(signal.SIGKILL)
+        bridge.wait(10)
+        bridge = bridges.start()
+    writing.join(60)
+    collector.wait_for(1000)
+    bridges.stop()
+    values = collector.finish(redis_url, prefix)
+    assert [v["n"] for v in values] == list(range(1, 1001))
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM sse_outbox WHERE sent_at IS NULL").fetchone()
+    assert row == (0,)
+    ids = [e.id for e in collector.events[:-1]]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+def test_rolled_back_transactions_publish_nothing(
+    setup: tuple[str, Bridges, GatewayProcess], redis_url: str, prefix: str
+) -> None:
+    """Issue 12 item 5: a rolled-back change, by sse_emit or by a row trigger, never leaves;
+    the committed one does, with the row as data."""
+    dsn, bridges, gateway = setup
+    collector = Collector(gateway)
+    bridges.start()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE sources (id int PRIMARY KEY, status text)")
+        conn.execute(
+            "CREATE TRIGGER sources_sse AFTER INSERT OR UPDATE OR DELETE ON sources FOR EACH ROW "
+            f"EXECUTE FUNCTION sse_row_change('source', '{TOPIC}', 'source:{{id}}')"
+        )
+        with conn.transaction(force_rollback=True):
+            conn.execute("SELECT sse_emit(ARRAY[%s], 'change', '{\"n\": -1}')", (TOPIC,))
+            conn.execute("INSERT INTO sources VALUES (1, 'rolled back')")
+        conn.execute("INSERT INTO sources VALUES (2, 'crawling')")
+        with conn.transaction(force_rollback=True):
+            conn.execute("UPDATE sources SET status = 'rolled back' WHERE id = 2")
+        conn.execute("UPDATE sources SET status = 'done' WHERE id = 2")
+    collector.wait_for(2)
+    bridges.stop()
+    values = collector.finish(redis_url, prefix)
+    assert [(e.type, v["row"]) for e, v in zip(collector.events[:-1], values, strict=True)] == [
+        ("source.insert", {"id": 2, "status": "crawling"}),
+        ("source.update", {"id": 2, "status": "done"}),
+    ]
+    with subscribe(gateway.url, "source:2", since=0, read_timeout=10) as sub:
+        assert next(iter(sub)).type == "source.insert"
+
+
+def test_two_bridges_at_once_publish_each_row_once(
+    setup: tuple[str, Bridges, GatewayProcess], redis_url: str, prefix: str
+) -> None:
+    """Issue 12 item 5: two bridges running at once publish each row once, in commit order."""
+    dsn, bridges, gateway = setup
+    collector = Collector(gateway)
+    first, second = bridges.start(), bridges.start()
+    write_changes(dsn, 2, 150)
+    collector.wait_for(300)
+    assert first.poll() is None
+    assert second.poll() is None
+    bridges.stop()
+    values = collector.finish(redis_url, prefix)
+    assert [v["n"] for v in values] == list(range(1, 301))
+
+
+def test_install_is_idempotent_and_refuses_a_bad_channel(dsn: str) -> None:
+    """Issue 12 item 5: the install runs again without error; a channel must be a plain name."""
+    again = [sys.executable, "-m", "gateway.cli", "pg-bridge", "install", "--dsn", dsn]
+    assert subprocess.run(again, capture_output=True, timeout=30).returncode == 0
+    bad = subprocess.run(
+        [*again, "--channel", "x; DROP TABLE sse_outbox"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode != 0
+    assert "channel" in bad.stderr
