@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from publisher import Publisher, PublishError
+from publisher._redis import DEFAULT_IDEMPOTENCY_TTL
 
 if TYPE_CHECKING:  # psycopg is the optional `pg` extra: imported where it is used
     import psycopg
@@ -63,6 +64,7 @@ class BridgeSettings:
     connect_timeout: int = 10
     statement_timeout: float = 30.0
     keep_sent: float = 86400.0
+    idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
 
 
 def outbox_sql(channel: str = DEFAULT_CHANNEL) -> str:
@@ -180,13 +182,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     run.add_argument("--prefix", default=os.environ.get("SSE_GATEWAY_PREFIX", "sse"))
     run.add_argument("--token", default=os.environ.get("SSE_GATEWAY_TOKEN"))
-    run.add_argument("--batch-size", type=int, default=int(os.environ.get(ENV + "BATCH", 100)))
+    run.add_argument("--batch-size", type=int, default=int(os.environ.get(ENV + "BATCH_SIZE", 100)))
     run.add_argument(
         "--poll-interval", type=float, default=float(os.environ.get(ENV + "POLL_INTERVAL", 5))
     )
     run.add_argument(
         "--keep-sent", type=float, default=float(os.environ.get(ENV + "KEEP_SENT", 86400))
     )
+    run.add_argument(
+        "--idempotency-ttl", type=float, default=float(
+            os.environ.get("SSE_GATEWAY_IDEMPOTENCY_TTL", DEFAULT_IDEMPOTENCY_TTL)
+        ), help="seconds a redis:// publish's key is remembered (a gateway uses its own)",
+    )  # fmt: skip
 
 
 def settings_from(args: argparse.Namespace) -> BridgeSettings:
@@ -203,6 +210,7 @@ def settings_from(args: argparse.Namespace) -> BridgeSettings:
         dsn=args.dsn, url=args.url, prefix=args.prefix, token=args.token,
         channel=args.channel, batch_size=args.batch_size,
         poll_interval=args.poll_interval, keep_sent=args.keep_sent,
+        idempotency_ttl=args.idempotency_ttl,
     )  # fmt: skip
 
 
@@ -220,7 +228,10 @@ def main(args: argparse.Namespace) -> int:
         install(settings)
         print("pg-bridge: outbox installed")
         return 0
-    with Publisher.from_url(settings.url, prefix=settings.prefix, token=settings.token) as pub:
+    with Publisher.from_url(
+        settings.url, prefix=settings.prefix, token=settings.token,
+        idempotency_ttl=settings.idempotency_ttl,
+    ) as pub:  # fmt: skip
         bridge = Bridge(settings, pub)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
