@@ -93,14 +93,18 @@ Launch = Callable[..., ExampleProcess]
 
 @pytest.fixture(params=["embedded", "redis-2-nodes"])
 def launch(request: pytest.FixtureRequest) -> Iterator[Launch]:
-    """``launch(name, node_args=())`` starts examples/<name> with its README command."""
+    """``launch(name, node_args=(), env={})`` starts examples/<name> with its README command;
+    ``node_args`` are the gateway options the example passes when it starts its own."""
     started: list[Any] = []
     mode: str = request.param
     if mode != "embedded" and not have_redis():
         pytest.skip("needs redis-server (or REDIS_URL)")
 
-    def start(name: str, node_args: Sequence[str] = ()) -> ExampleProcess:
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_URL")}
+    def start(
+        name: str, node_args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> ExampleProcess:
+        skip = ("REDIS_URL", "GATEWAY_URL", "PORT")
+        env = {k: v for k, v in os.environ.items() if k not in skip} | (env or {})
         env["EXAMPLE_JWT_SECRET"] = SECRET
         if mode != "embedded":
             redis_url = request.getfixturevalue("redis_url")
