@@ -27,6 +27,7 @@ The app listens on ``127.0.0.1:$PORT`` (a free port when ``PORT`` is unset). Exa
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import jwt
 import uvicorn
@@ -147,6 +149,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    """uvicorn re-raises SIGTERM/SIGINT once it has shut down: exit through ``finally`` (and
+    without a traceback) so the gateway this launcher started is stopped too."""
+    raise SystemExit(128 + signum)
+
+
 def run_example(
     build: Callable[[Example], Starlette],
     *,
@@ -155,6 +163,8 @@ def run_example(
 ) -> None:
     """Find or start the gateway, build the app with :class:`Example`, serve it, and print
     ``example: <URL>`` once the app's port is listening. Blocks until SIGINT/SIGTERM."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGINT, _exit_on_signal)
     sock = _listen()
     app_port = int(sock.getsockname()[1])
     secret = os.environ.get("EXAMPLE_JWT_SECRET", DEV_SECRET)

@@ -56,6 +56,7 @@ class ExampleProcess:
         threading.Thread(target=self._read, args=(lines,), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT
         self.url = ""
+        self.gateway_url = ""
         while not self.url:
             try:
                 line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
@@ -63,6 +64,8 @@ class ExampleProcess:
                 output = self.output()
                 self.stop()
                 raise RuntimeError(f"no 'example:' line in {START_TIMEOUT}s:\n{output}") from None
+            if line.startswith("gateway: "):
+                self.gateway_url = line.split(" ", 1)[1].strip()
             if line.startswith("example: "):
                 self.url = line.split(" ", 1)[1].strip()
 

@@ -4,13 +4,16 @@ balancer)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.examples.conftest import ROOT, Launch, screenshot
+from tests.examples.conftest import ROOT, ExampleProcess, Launch, readme_command, screenshot
 
 WAIT_MS = 15_000
 
@@ -64,3 +67,18 @@ def test_rows_change_status_live_and_a_change_before_subscribe_is_replayed(
     finally:
         context.close()
         api.close()
+
+
+def test_stopping_an_example_stops_the_gateway_it_started() -> None:
+    """The launcher's own gateway goes when the example is stopped (SIGTERM, as a service
+    manager or a test does): uvicorn re-raises the signal after its shutdown."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "GATEWAY_URL", "PORT")}
+    example = ExampleProcess(readme_command("run_history"), env)
+    try:
+        assert httpx.get(example.gateway_url + "/readyz", timeout=5).status_code == 200
+        example.process.terminate()
+        assert example.process.wait(20) == 128 + signal.SIGTERM
+        with pytest.raises(httpx.TransportError):
+            httpx.get(example.gateway_url + "/readyz", timeout=5)
+    finally:
+        example.stop()
