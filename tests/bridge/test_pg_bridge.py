@@ -255,3 +255,28 @@ def test_changes_committed_while_no_bridge_runs_are_published_when_one_starts(
     collector.wait_for(80)
     bridges.stop()
     assert [v["n"] for v in collector.finish(redis_url, prefix)] == list(range(1, 81))
+
+
+def test_a_bridge_whose_database_connection_is_lost_reconnects(
+    setup: tuple[str, Bridges, GatewayProcess], redis_url: str, prefix: str
+) -> None:
+    """Issue 12 item 5: the bridge's session ended by the server (a restart, a failover, an
+    admin) is retried after a poll interval; the changes on either side arrive once, in order."""
+    dsn, bridges, gateway = setup
+    collector = Collector(gateway)
+    bridge = bridges.start()
+    write_changes(dsn, 1, 20)
+    collector.wait_for(20)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        ended = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'sse-gateway pg-bridge'"
+        ).fetchone()
+        assert ended == (1,)
+        for _ in range(20):
+            conn.execute("SELECT sse_emit(ARRAY[%s], 'change', '{}')", (TOPIC,))
+    collector.wait_for(40)
+    assert bridge.poll() is None
+    bridges.stop()
+    values = collector.finish(redis_url, prefix)
+    assert [v.get("n") for v in values] == [*range(1, 21), *([None] * 20)]
