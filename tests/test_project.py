@@ -42,11 +42,15 @@ def test_every_setting_is_documented_with_its_flag_and_variable() -> None:
         assert f"`{ENV_PREFIX}{field.name.upper()}`" in README, field.name
 
 
+LINTED = ["gateway", "publisher", "tests", "examples", "bench"]
+"""Everything Python that the project ships or runs; the README's Python examples too."""
+
+
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "gateway", "publisher", "tests"],
-        ["ruff", "format", "--check", "gateway", "publisher", "tests"],
+        ["ruff", "check", *LINTED],
+        ["ruff", "format", "--check", *LINTED, "README.md"],
         ["mypy", "--strict", "gateway", "publisher"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
