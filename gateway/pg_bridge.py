@@ -137,7 +137,7 @@ class Bridge:
         while not self.stopping.is_set():
             try:
                 self.serve()
-            except (psycopg.Error, OSError, PublishError, redis.RedisError) as exc:
+            except (psycopg.Error, OSError, PublishError, redis.RedisError, ValueError) as exc:
                 log.warning("pg-bridge: %s: %s; retrying", type(exc).__name__, exc)
                 self.stopping.wait(self.settings.poll_interval)
 

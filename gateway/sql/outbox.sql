@@ -23,6 +23,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     new_id bigint;
 BEGIN
+    -- Refused here, in the writer's transaction, rather than by the publish later (a row that
+    -- can never be published would hold back every row after it).
+    IF cardinality(topics) IS NULL OR cardinality(topics) = 0 OR EXISTS (
+        SELECT FROM unnest(topics) AS t
+        WHERE t IS NULL OR length(t) > 256 OR t !~ '^[A-Za-z0-9_.:/@-]+$'
+    ) THEN
+        RAISE EXCEPTION 'sse_emit: invalid topics %', topics USING ERRCODE = '22023',
+            HINT = 'one or more topics of 1-256 characters from A-Z a-z 0-9 _ . : / @ -';
+    END IF;
+    IF event = '' OR event ~ '[\r\n]' THEN
+        RAISE EXCEPTION 'sse_emit: invalid event name %', quote_literal(event)
+            USING ERRCODE = '22023', HINT = 'a non-empty name without CR or LF';
+    END IF;
+    IF data IS NULL THEN
+        data := 'null'::jsonb;
+    END IF;
     INSERT INTO sse_outbox (topics, event, data) VALUES (topics, event, data)
     RETURNING id INTO new_id;
     PERFORM pg_notify('__CHANNEL__', '');  -- delivered on commit only

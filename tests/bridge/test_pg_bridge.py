@@ -280,3 +280,20 @@ def test_a_bridge_whose_database_connection_is_lost_reconnects(
     bridges.stop()
     values = collector.finish(redis_url, prefix)
     assert [v.get("n") for v in values] == [*range(1, 21), *([None] * 20)]
+
+
+@pytest.mark.parametrize(
+    ("topics", "event"),
+    [(["has space"], "change"), ([], "change"), (["ok"], "two\nlines"), (["ok"], "")],
+)
+def test_an_event_that_cannot_be_published_is_refused_in_the_writers_transaction(
+    dsn: str, topics: list[str], event: str
+) -> None:
+    """Issue 12 item 5: sse_emit refuses bad topics and event names when called, so the writer
+    sees the error and no unpublishable row holds back the rows after it."""
+    with psycopg.connect(dsn) as conn:
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="sse_emit: invalid"):
+            conn.execute("SELECT sse_emit(%s::text[], %s, '{}')", (topics, event))
+        conn.rollback()
+        row = conn.execute("SELECT count(*) FROM sse_outbox").fetchone()
+    assert row == (0,)
