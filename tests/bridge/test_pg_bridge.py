@@ -48,12 +48,13 @@ class Bridges:
     def __init__(self, dsn: str, url: str, prefix: str) -> None:
         self.args = [
             sys.executable, "-m", "gateway.cli", "pg-bridge", "run", "--dsn", dsn,
-            "--url", url, "--prefix", prefix, "--batch-size", "25", "--poll-interval", "0.5",
+            "--url", url, "--prefix", prefix, "--batch-size", "25",
         ]  # fmt: skip
         self.processes: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def start(self, poll_interval: float = 0.5) -> subprocess.Popen[bytes]:
+        args = [*self.args, "--poll-interval", str(poll_interval)]
+        process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes.append(process)
         return process
 
@@ -297,3 +298,17 @@ def test_an_event_that_cannot_be_published_is_refused_in_the_writers_transaction
         conn.rollback()
         row = conn.execute("SELECT count(*) FROM sse_outbox").fetchone()
     assert row == (0,)
+
+
+def test_commits_during_a_batch_are_not_left_for_the_next_poll(
+    setup: tuple[str, Bridges, GatewayProcess], redis_url: str, prefix: str
+) -> None:
+    """Issue 12 item 5: a wake-up that arrives while the bridge is publishing a batch is acted
+    on at once: with a 60 s poll interval, steady commits still arrive promptly."""
+    dsn, bridges, gateway = setup
+    collector = Collector(gateway)
+    bridges.start(poll_interval=60)
+    write_changes(dsn, 3, 100)
+    collector.wait_for(300, timeout=20)
+    bridges.stop()
+    assert [v["n"] for v in collector.finish(redis_url, prefix)] == list(range(1, 301))
