@@ -56,10 +56,10 @@ raises "Too many connections" rather than waiting)."""
 PUBLISH_RETRY_FOR = 2.0
 MAX_RECONNECT_DELAY = 2.0
 LINK_TIMEOUT = 5.0
+"""Seconds the pub/sub link may take to connect (with its handshake) or to write a command."""
 BACKFILL_HELD_BYTES = 32 << 20
 """Live frames kept while a reconnected link backfills; past this they are let go and the
 backfill reads on from the streams to a newer clock instead."""
-"""Seconds the pub/sub link may take to connect (with its handshake) or to write a command."""
 MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
 _PREV = PREV_FIELD.encode()
