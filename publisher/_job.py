@@ -96,18 +96,16 @@ class JobEvents:
         self.kept = data
         return None
 
-    def flush(self) -> dict[str, Any] | None:
-        """The progress event held back, if any (sent on exit, before the end event)."""
+    def ending(self, exc: BaseException | None) -> list[tuple[dict[str, Any], str]]:
+        """The events that end the job, as (data, event name): the progress report held
+        back, if any, then ``completed`` (``exc`` is None) or ``failed``."""
         kept, self.kept = self.kept, None
-        return kept
-
-    def completed(self) -> dict[str, Any]:
-        return self._data(**({"progress": self.last} if self.last else {}))
-
-    def failed(self, exc: BaseException) -> dict[str, Any]:
+        events = [(kept, "progress")] if kept is not None else []
         data = self._data(**({"progress": self.last} if self.last else {}))
+        if exc is None:
+            return [*events, (data, "completed")]
         data["error"] = {"type": type(exc).__name__, "message": str(exc)}
-        return data
+        return [*events, (data, "failed")]
 
 
 class Job:
@@ -152,16 +150,12 @@ class Job:
         tb: TracebackType | None,
     ) -> None:
         with self._lock:
-            if exc is None:
-                if (kept := self.events.flush()) is not None:
-                    self._emit(self.topic, kept, "progress")
-                self._emit(self.topic, self.events.completed(), "completed")
-                return
             try:
-                if (kept := self.events.flush()) is not None:
-                    self._emit(self.topic, kept, "progress")
-                self._emit(self.topic, self.events.failed(exc), "failed")
+                for data, event in self.events.ending(exc):
+                    self._emit(self.topic, data, event)
             except Exception as publish_error:
+                if exc is None:
+                    raise
                 log.warning("job %s: publishing 'failed' failed: %s", self.id, publish_error)
 
 
@@ -203,14 +197,10 @@ class AsyncJob:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc is None:
-            if (kept := self.events.flush()) is not None:
-                await self._emit(self.topic, kept, "progress")
-            await self._emit(self.topic, self.events.completed(), "completed")
-            return
         try:
-            if (kept := self.events.flush()) is not None:
-                await self._emit(self.topic, kept, "progress")
-            await self._emit(self.topic, self.events.failed(exc), "failed")
+            for data, event in self.events.ending(exc):
+                await self._emit(self.topic, data, event)
         except Exception as publish_error:
+            if exc is None:
+                raise
             log.warning("job %s: publishing 'failed' failed: %s", self.id, publish_error)
