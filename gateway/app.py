@@ -42,7 +42,6 @@ from gateway.origins import (
     check_publish_request,
     guards_host,
     host_not_allowed,
-    is_loopback_address,
     is_loopback_client,
 )
 from gateway.publishing import (
@@ -92,9 +91,6 @@ def describe_engine(settings: Settings) -> str:
         "in-memory engine (embedded, single process: history is lost on restart and nodes "
         "do not share events; set --redis-url for production)"
     )
-
-
-_is_loopback = is_loopback_address
 
 
 MAX_BATCH = 1000

@@ -313,13 +313,22 @@ def _validate_security(settings: Settings) -> None:
         raise SystemExit(f"--token-cookie: {settings.token_cookie!r} is not a cookie name")
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
+def is_loopback_address(host: str | None) -> bool:
+    """A loopback IP address, IPv4-mapped ones included (a name is not an address)."""
+    if not host:
+        return False
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def is_loopback_host(host: str) -> bool:
+    """A listen address on loopback: ``localhost`` or a loopback IP address."""
+    return host == "localhost" or is_loopback_address(host)
 
 
 def check_exposure(settings: Settings) -> None:

@@ -21,7 +21,7 @@ import ipaddress
 
 from starlette.types import Scope
 
-from gateway.config import Settings, is_loopback_host
+from gateway.config import Settings, is_loopback_address, is_loopback_host
 from gateway.cors import CorsPolicy, request_origin
 from gateway.errors import HTTPError
 from gateway.protocol import PEER_EXTENSION
@@ -35,18 +35,6 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-def is_loopback_address(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def tcp_peer(scope: Scope) -> str | None:

@@ -13,7 +13,7 @@ import httpx
 import orjson
 import pytest
 
-from gateway.app import _is_loopback
+from gateway.config import is_loopback_address as _is_loopback
 from publisher._schema import id_key
 from tests.conftest import Node
 from tests.support.gateway import GatewayProcess
