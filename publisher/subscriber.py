@@ -30,7 +30,15 @@ import random
 import socket
 import threading
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterator, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -126,14 +134,6 @@ def _events_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-@dataclass
-class _Attempt:
-    """How a refused attempt ends: the delay before the next, or the error that stops."""
-
-    delay: float
-    error: SubscriptionError | None = None
-
-
 class _Core:
     """The I/O-free part shared by both iterators: requests, the handling of each response and
     each parsed event, and the delays between attempts."""
@@ -194,8 +194,9 @@ class _Core:
         self.failures += 1
         return random.uniform(0, ceiling)
 
-    def refused(self, status: int, body: bytes, retry_after: str | None) -> _Attempt:
-        """A response other than a stream: a terminal error, or a delay before retrying."""
+    def refused(self, status: int, body: bytes, retry_after: str | None) -> float:
+        """A response other than a stream: the delay before retrying, or raises the
+        :class:`SubscriptionError` that stops the subscription."""
         error: str | None = None
         message = body[:300].decode("utf-8", "replace")
         try:
@@ -210,16 +211,16 @@ class _Core:
         if status == 401:
             self.refused_tokens += 1
             if not self.token_is_function or self.refused_tokens >= TERMINAL_401_IN_A_ROW:
-                return _Attempt(0, terminal)
+                raise terminal
             log.info("%s; asking for a new token", text)
-            return _Attempt(0 if self.refused_tokens == 1 else self.backoff())
+            return 0 if self.refused_tokens == 1 else self.backoff()
         if 400 <= status < 500 and status not in (408, 429):
-            return _Attempt(0, terminal)
+            raise terminal
         log.warning("%s; retrying", text)
         delay = self.backoff()
         if retry_after and retry_after.strip().isdigit():
             delay = max(delay, float(retry_after.strip()))
-        return _Attempt(delay)
+        return delay
 
     def opened(self) -> None:
         """A 200 event stream: a stream, or a temporary refusal (``event: refused``)."""
@@ -360,12 +361,9 @@ class Subscription:
                     kind = response.headers.get("content-type", "")
                     if response.status_code != 200 or not kind.startswith("text/event-stream"):
                         body = _read_some(response.iter_bytes())
-                        attempt = core.refused(
+                        delay = core.refused(
                             response.status_code, body, response.headers.get("retry-after")
                         )
-                        if attempt.error is not None:
-                            raise attempt.error
-                        delay = attempt.delay
                     else:
                         core.opened()
                         for chunk in response.iter_bytes():
@@ -440,6 +438,15 @@ def _read_some(chunks: Iterator[bytes]) -> bytes:
     return body
 
 
+async def _aread_some(chunks: AsyncIterator[bytes]) -> bytes:
+    body = b""
+    async for chunk in chunks:
+        body += chunk
+        if len(body) >= MAX_ERROR_BODY:
+            break
+    return body
+
+
 class AsyncSubscription:
     """The asyncio twin of :class:`Subscription`: ``async for event in sub``."""
 
@@ -495,17 +502,10 @@ class AsyncSubscription:
                 ) as response:
                     kind = response.headers.get("content-type", "")
                     if response.status_code != 200 or not kind.startswith("text/event-stream"):
-                        body = b""
-                        async for chunk in response.aiter_bytes():
-                            body += chunk
-                            if len(body) >= MAX_ERROR_BODY:
-                                break
-                        attempt = core.refused(
+                        body = await _aread_some(response.aiter_bytes())
+                        delay = core.refused(
                             response.status_code, body, response.headers.get("retry-after")
                         )
-                        if attempt.error is not None:
-                            raise attempt.error
-                        delay = attempt.delay
                     else:
                         core.opened()
                         async for chunk in response.aiter_bytes():
