@@ -1218,14 +1218,16 @@ class ReplyCutter:
 class FreezingProxy:
     """A TCP proxy in front of Redis for gateway nodes. ``freeze_pubsub`` makes every pub/sub
     connection open now silently dead: bytes are swallowed both ways and nothing is closed,
-    as when a NAT or firewall forgets a connection. New connections pass normally."""
+    as when a NAT or firewall forgets a connection. New connections pass normally, unless
+    ``black`` is set: then they are accepted and swallow every byte from the start."""
 
-    def __init__(self, redis_port: int) -> None:
+    def __init__(self, redis_port: int, name: str = "chaos-freezing-proxy") -> None:
         self.redis_port = redis_port
         self.port = 0
+        self.black = False
         self.links: list[dict[str, bool]] = []
         self._server: asyncio.AbstractServer | None = None
-        self._thread = LoopThread("chaos-freezing-proxy")
+        self._thread = LoopThread(name)
         self._thread.run(self._listen())
 
     @property
@@ -1236,18 +1238,24 @@ class FreezingProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
-    def freeze_pubsub(self) -> int:
-        """Freeze the pub/sub connections open now; return how many."""
+    def _freeze(self, pubsub_only: bool) -> int:
+        """Freeze the open connections (only the pub/sub ones if asked); return how many."""
 
         async def freeze() -> int:
-            frozen = 0
-            for link in self.links:
-                if link["pubsub"] and not link["closed"]:
-                    link["frozen"] = True
-                    frozen += 1
-            return frozen
+            doomed = [
+                link
+                for link in self.links
+                if not link["closed"] and (link["pubsub"] or not pubsub_only)
+            ]
+            for link in doomed:
+                link["frozen"] = True
+            return len(doomed)
 
         return self._thread.run(freeze())
+
+    def freeze_pubsub(self) -> int:
+        """Freeze the pub/sub connections open now; return how many."""
+        return self._freeze(pubsub_only=True)
 
     def pubsub_links(self) -> int:
         """Pub/sub connections open and not frozen."""
@@ -1262,44 +1270,54 @@ class FreezingProxy:
         return self._thread.run(count())
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            upstream_reader, upstream = await asyncio.open_connection("127.0.0.1", self.redis_port)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = {"pubsub": False, "frozen": False, "closed": False}
+        link = {"pubsub": False, "frozen": self.black, "closed": False}
         self.links.append(link)
-
-        async def requests() -> None:
-            buffer = b""
-            while data := await reader.read(1 << 16):
-                if not link["pubsub"]:
-                    commands, buffer = _commands(buffer + data)
-                    link["pubsub"] = any(
-                        args[0].upper() in (b"SUBSCRIBE", b"PSUBSCRIBE") for args in commands
-                    )
-                if not link["frozen"]:
-                    upstream.write(data)
-                    await upstream.drain()
-
-        async def replies() -> None:
-            while data := await upstream_reader.read(1 << 16):
-                if not link["frozen"]:
-                    writer.write(data)
-                    await writer.drain()
-
-        tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
+        upstream: asyncio.StreamWriter | None = None
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
+            if link["frozen"]:
+                while await reader.read(1 << 16):
+                    pass
+                return
+            try:
+                upstream_reader, upstream = await asyncio.open_connection(
+                    "127.0.0.1", self.redis_port
+                )
+            except OSError:
+                return
+
+            async def requests() -> None:
+                assert upstream is not None
+                buffer = b""
+                while data := await reader.read(1 << 16):
+                    if not link["pubsub"]:
+                        commands, buffer = _commands(buffer + data)
+                        link["pubsub"] = any(
+                            args[0].upper() in (b"SUBSCRIBE", b"PSUBSCRIBE") for args in commands
+                        )
+                    if not link["frozen"]:
+                        upstream.write(data)
+                        await upstream.drain()
+
+            async def replies() -> None:
+                while data := await upstream_reader.read(1 << 16):
+                    if not link["frozen"]:
+                        writer.write(data)
+                        await writer.drain()
+
+            tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except (asyncio.CancelledError, OSError):
             pass
         finally:
             link["closed"] = True
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             writer.transport.abort()
-            upstream.transport.abort()
+            if upstream is not None:
+                upstream.transport.abort()
 
     async def _stop(self) -> None:
         if self._server is not None:
@@ -1436,7 +1454,7 @@ class Chaos:
 # -- a proxy that blackholes -----------------------------------------------------------------
 
 
-class BlackholeProxy:
+class BlackholeProxy(FreezingProxy):
     """A TCP proxy in front of Redis whose network can go black: between ``blackhole`` and
     ``restore`` every byte is dropped both ways and nothing is closed, on the connections open
     at the start and on every one accepted meanwhile (the connect itself succeeds, as the
@@ -1444,108 +1462,17 @@ class BlackholeProxy:
     pass normally; the ones that went black stay black, as when a NAT lost their state."""
 
     def __init__(self, redis_port: int) -> None:
-        self.redis_port = redis_port
-        self.port = 0
-        self.black = False
-        self.links: list[dict[str, bool]] = []
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = LoopThread("chaos-blackhole-proxy")
-        self._thread.run(self._listen())
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        super().__init__(redis_port, "chaos-blackhole-proxy")
 
     def blackhole(self) -> int:
         """Drop every byte from now on; return how many connections were open."""
-
-        async def black() -> int:
-            self.black = True
-            open_links = [link for link in self.links if not link["closed"]]
-            for link in open_links:
-                link["black"] = True
-            return len(open_links)
-
-        return self._thread.run(black())
+        self.black = True
+        return self._freeze(pubsub_only=False)
 
     def restore(self) -> None:
         """Serve new connections normally again."""
-
-        async def restore() -> None:
-            self.black = False
-
-        self._thread.run(restore())
+        self.black = False
 
     def live_pubsub_links(self) -> int:
         """Pub/sub connections open and passing bytes."""
-
-        async def count() -> int:
-            return sum(
-                1 for link in self.links if link["pubsub"] and not (link["black"] or link["closed"])
-            )
-
-        return self._thread.run(count())
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        link = {"pubsub": False, "black": self.black, "closed": False}
-        self.links.append(link)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            if link["black"]:
-                while await reader.read(1 << 16):
-                    pass
-                return
-            try:
-                upstream_reader, upstream = await asyncio.open_connection(
-                    "127.0.0.1", self.redis_port
-                )
-            except OSError:
-                return
-
-            async def requests() -> None:
-                assert upstream is not None
-                buffer = b""
-                while data := await reader.read(1 << 16):
-                    if not link["pubsub"]:
-                        commands, buffer = _commands(buffer + data)
-                        link["pubsub"] = any(
-                            args[0].upper() in (b"SUBSCRIBE", b"PSUBSCRIBE") for args in commands
-                        )
-                    if not link["black"]:
-                        upstream.write(data)
-                        await upstream.drain()
-
-            async def replies() -> None:
-                while data := await upstream_reader.read(1 << 16):
-                    if not link["black"]:
-                        writer.write(data)
-                        await writer.drain()
-
-            tasks = [asyncio.ensure_future(requests()), asyncio.ensure_future(replies())]
-            try:
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        except (asyncio.CancelledError, OSError):
-            pass
-        finally:
-            link["closed"] = True
-            writer.transport.abort()
-            if upstream is not None:
-                upstream.transport.abort()
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        await _cancel_all()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.run(self._stop(), 20)
-        self._thread.close()
+        return self.pubsub_links()
