@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from publisher import Publisher
+from tests.chaos.harness import BlackholeProxy
 from tests.conftest import GatewayFactory
 from tests.support.redis_server import RedisServer
 from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
@@ -78,90 +78,18 @@ def own_redis(binary: str, *extra: str) -> Iterator[RedisServer]:
 # -- Blackhole ----------------------------------------------------------------------------------
 
 
-class Blackhole:
-    """A loopback TCP proxy to Redis (asyncio, in a thread of its own) whose network can go
-    black: every byte is dropped both ways and nothing is closed; new connections are accepted
-    and never answered. Once restored, new connections are forwarded again, while those that
-    went black stay black, as after a real network partition."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.black = False
-        self.dead: list[list[bool]] = []
-        self.writers: list[asyncio.StreamWriter] = []
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(5)
-        self.port: int = self.server.sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(self._serve, "127.0.0.1", 0)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        dead = [self.black]
-        self.dead.append(dead)
-        if dead[0]:
-            await self._pump(reader, None, dead)
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self.writers.append(up_writer)
-        await asyncio.gather(
-            self._pump(reader, up_writer, dead), self._pump(up_reader, writer, dead)
-        )
-
-    async def _pump(
-        self, source: asyncio.StreamReader, target: asyncio.StreamWriter | None, dead: list[bool]
-    ) -> None:
-        with contextlib.suppress(OSError):
-            while data := await source.read(65536):
-                if dead[0] or target is None:
-                    continue  # swallowed: nothing is forwarded, nothing is closed
-                target.write(data)
-                await target.drain()
-            if target is not None and not dead[0]:
-                target.close()
-
-    def blackhole(self) -> None:
-        def go_black() -> None:
-            self.black = True
-            for dead in self.dead:
-                dead[0] = True
-
-        self.loop.call_soon_threadsafe(go_black)
-
-    def restore(self) -> None:
-        self.loop.call_soon_threadsafe(setattr, self, "black", False)
-
-    def close(self) -> None:
-        async def shut() -> None:
-            self.server.close()
-            for writer in self.writers:
-                writer.close()
-
-        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(5)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
 @pytest.fixture
-def blackhole(redis_url: str) -> Iterator[Blackhole]:
+def blackhole(redis_url: str) -> Iterator[BlackholeProxy]:
     upstream = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
     if upstream.get("host") not in ("127.0.0.1", "localhost"):
         pytest.skip("the blackhole proxy needs a loopback Redis")
-    proxy = Blackhole(int(upstream["port"]))
+    proxy = BlackholeProxy(int(upstream["port"]))
     yield proxy
     proxy.close()
 
 
 def test_a_node_recovers_by_itself_after_the_network_to_redis_went_black(
-    redis_url: str, prefix: str, gateway_factory: GatewayFactory, blackhole: Blackhole
+    redis_url: str, prefix: str, gateway_factory: GatewayFactory, blackhole: BlackholeProxy
 ) -> None:
     """Issue 10 D, blackhole: the network to Redis drops every byte for 11 s without closing
     anything, then serves new connections. The pub/sub reconnect used to hang forever (no
