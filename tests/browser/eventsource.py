@@ -11,7 +11,7 @@ import collections
 import urllib.parse
 from collections.abc import Sequence
 
-from tests.chaos.harness import BrowserParser, ChunkedDecoder, LoopThread
+from tests.chaos.harness import BrowserParser, ChunkedDecoder, LoopThread, request_stream
 
 CONNECTING, OPEN, CLOSED = 0, 1, 2
 
@@ -48,20 +48,9 @@ class EventSourceLike:
             asyncio.open_connection("127.0.0.1", self.port), self.timeout
         )
         try:
-            request = (
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
-                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+            status, headers = await request_stream(
+                reader, writer, f"127.0.0.1:{self.port}", self.path, self.last_id, self.timeout
             )
-            if self.last_id:
-                request += f"Last-Event-ID: {self.last_id}\r\n"
-            writer.write((request + "\r\n").encode("latin-1"))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
-            status_line, *lines = head.decode("latin-1").split("\r\n")
-            status = int(status_line.split(" ", 2)[1])
-            headers = {
-                name.strip().lower(): value.strip()
-                for name, _, value in (line.partition(":") for line in lines if line)
-            }
             if status != 200 or not headers.get("content-type", "").startswith("text/event-stream"):
                 self.failed = f"{status} {headers.get('content-type')}"
                 self.state = CLOSED

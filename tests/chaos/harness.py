@@ -514,6 +514,32 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
+async def request_stream(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    path: str,
+    last_id: str,
+    timeout: float,
+) -> tuple[int, dict[str, str]]:
+    """Send an ``EventSource``'s GET (with its last event id) and read the answer's head:
+    the status and the headers, their names in lower case."""
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\n"
+        "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+    )
+    if last_id:
+        request += f"Last-Event-ID: {last_id}\r\n"
+    writer.write((request + "\r\n").encode("latin-1"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {
+        name.strip().lower(): value.strip()
+        for name, _, value in (line.partition(":") for line in lines if line)
+    }
+    return int(status_line.split(" ", 2)[1]), headers
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Received:
     id: str
@@ -618,23 +644,13 @@ class SSEClient:
         )
         self._writer = writer
         try:
-            request = (
-                f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                "Accept: text/event-stream\r\nCache-Control: no-cache\r\n"
+            status, headers = await request_stream(
+                reader, writer, "127.0.0.1", self.path, self.last_id, self.idle_timeout
             )
-            if self.last_id:
-                request += f"Last-Event-ID: {self.last_id}\r\n"
-            writer.write((request + "\r\n").encode("latin-1"))
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.idle_timeout)
-            status_line, *header_lines = head.decode("latin-1").split("\r\n")
-            status = int(status_line.split(" ", 2)[1])
             self.statuses[status] += 1
             if status != 200:
                 return
-            chunked = any(
-                line.lower().startswith("transfer-encoding:") and "chunked" in line.lower()
-                for line in header_lines
-            )
+            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
             decoder = ChunkedDecoder() if chunked else None
             parser = BrowserParser(last_id=self.last_id)
             self.connected = True
