@@ -292,6 +292,10 @@ class _Core:
         log.info("stream lost (%s); resuming after %s in %.1fs", exc, self._after(), delay)
         return delay
 
+    def broke(self, exc: Exception) -> float:
+        """A transport error: an open stream was lost, or a connect failed."""
+        return self.lost(exc) if self.status == "open" else self.failed(exc)
+
     def _after(self) -> str:
         return self.parser.last_id or "the start"
 
@@ -372,7 +376,7 @@ class Subscription:
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if self._closed.is_set():
                     break
-                delay = core.failed(exc) if core.status != "open" else core.lost(exc)
+                delay = core.broke(exc)
             finally:
                 self._response = None
             core.status = "reconnecting"
@@ -515,7 +519,7 @@ class AsyncSubscription:
             except (httpx.TransportError, httpx.StreamError) as exc:
                 if self._closed.is_set():
                     break
-                delay = core.failed(exc) if core.status != "open" else core.lost(exc)
+                delay = core.broke(exc)
             core.status = "reconnecting"
             try:
                 await asyncio.wait_for(self._closed.wait(), delay)
