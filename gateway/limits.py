@@ -62,14 +62,14 @@ class RateLimiter:
         return len(self._buckets)
 
 
-def _retry_after(seconds: float) -> dict[str, str]:
+def retry_after(seconds: float) -> dict[str, str]:
     return {"retry-after": str(max(1, math.ceil(seconds)))}
 
 
 def rate_limited(what: str, seconds: float) -> HTTPError:
     return HTTPError(
         429, "rate_limited", f"too many new streams from this {what}; retry later",
-        _retry_after(seconds),
+        retry_after(seconds),
     )  # fmt: skip
 
 
@@ -91,19 +91,19 @@ class Admission:
         self.open = 0
         self.by_subject: dict[str, int] = {}
         self.by_address_open: dict[str, int] = {}
-        self.by_address = _limiter(settings.connect_rate_per_address)
+        self.by_address = rate_limiter(settings.connect_rate_per_address)
         self.public_only = not self.max_per_address and self.by_address is None
         """No per-address option is set: the built-in limits guard public addresses only."""
         if self.public_only:
             self.max_per_address = PUBLIC_ADDRESS_STREAMS
-            self.by_address = _limiter(PUBLIC_ADDRESS_RATE)
-        self.by_subject_rate = _limiter(settings.connect_rate)
+            self.by_address = rate_limiter(PUBLIC_ADDRESS_RATE)
+        self.by_subject_rate = rate_limiter(settings.connect_rate)
 
     def check_node(self) -> None:
         if self.max_connections and self.open >= self.max_connections:
             raise HTTPError(
                 503, "too_many_connections", "this node is at its connection limit",
-                _retry_after(1 + self.open % 5),
+                retry_after(1 + self.open % 5),
             )  # fmt: skip
 
     def check_address(self, address: str | None) -> None:
@@ -114,7 +114,7 @@ class Admission:
             raise HTTPError(
                 429, "too_many_address_connections",
                 f"this address has {self.max_per_address} open streams already",
-                _retry_after(5),
+                retry_after(5),
             )  # fmt: skip
         if self.by_address is not None:
             wait = self.by_address.acquire(address)
@@ -128,7 +128,7 @@ class Admission:
             raise HTTPError(
                 429, "too_many_subject_connections",
                 f"subject {subject[:100]!r} has {self.max_per_subject} open streams already",
-                _retry_after(5),
+                retry_after(5),
             )  # fmt: skip
         if self.by_subject_rate is not None:
             wait = self.by_subject_rate.acquire(subject)
@@ -186,7 +186,8 @@ def address_key(address: str) -> str:
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
 
 
-def _limiter(rate: float) -> RateLimiter | None:
+def rate_limiter(rate: float) -> RateLimiter | None:
+    """``rate`` per second in bursts of twice that; None for 0 (unlimited)."""
     return RateLimiter(rate, max(1, math.ceil(2 * rate))) if rate > 0 else None
 
 

@@ -4,11 +4,10 @@ and answers for the failures that retrying cannot fix."""
 from __future__ import annotations
 
 import logging
-import math
 
 from gateway.auth import Identity
 from gateway.errors import HTTPError, bad_request
-from gateway.limits import RateLimiter
+from gateway.limits import rate_limiter, retry_after
 from publisher._redis import Failure, NotReplicated
 
 log = logging.getLogger("gateway.publish")
@@ -70,7 +69,7 @@ class PublishRate:
     anonymous, in bursts of twice that (0: unlimited)."""
 
     def __init__(self, rate: float) -> None:
-        self.limiter = RateLimiter(rate, max(1, math.ceil(2 * rate))) if rate > 0 else None
+        self.limiter = rate_limiter(rate)
 
     def check(self, identity: Identity, address: str | None, events: int = 1) -> None:
         """Each event of a batch counts; a batch larger than the burst could never pass."""
@@ -90,5 +89,5 @@ class PublishRate:
             raise HTTPError(
                 429, "rate_limited",
                 f"too many publishes from this {who} (--publish-rate); retry later",
-                {"retry-after": str(max(1, math.ceil(wait)))},
+                retry_after(wait),
             )  # fmt: skip
