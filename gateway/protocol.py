@@ -38,6 +38,8 @@ import h11
 import orjson
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from gateway.errors import HTTPError
+
 PEER_EXTENSION = "sse_gateway.peer"
 REQUEST_LINE_BYTES = 8192
 """Allowance for the method, path and version on top of the header and query bounds."""
@@ -116,22 +118,6 @@ class HeadGuard:
         self.transport.close()
 
 
-def _answer(status: int, error: str, message: str) -> Any:
-    """An ASGI app that answers every request with this JSON error and closes."""
-    body = orjson.dumps({"error": error, "message": message})
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", b"%d" % len(body)),
-        (b"connection", b"close"),
-    ]
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
-
-    return app
-
-
 class HttpToolsGuard(HeadGuard):
     """Mixed into uvicorn's ``HttpToolsProtocol`` by :func:`protocol_class`."""
 
@@ -180,9 +166,10 @@ class HttpToolsGuard(HeadGuard):
         self._head_done()
         app = self.app
         if self._head_size > self.max_head_bytes:
-            self.app = _answer(
+            self.app = HTTPError(
                 431, "headers_too_large",
                 f"the request head must be at most {self.max_head_bytes} bytes",
+                {"connection": "close"},
             )  # fmt: skip
         try:
             super().on_headers_complete()  # type: ignore[misc]
