@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from publisher import Publisher
 from publisher.subscriber import Event, subscribe
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
+from tests.support.postgres import own_database
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,18 +28,13 @@ DONE = "done"
 @pytest.fixture
 def dsn(postgres_dsn: str) -> Iterator[str]:
     """A database of the test's own, with the outbox installed by the CLI."""
-    name = "t" + uuid.uuid4().hex[:10]
-    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    own = f"{postgres_dsn} dbname={name}"
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "pg-bridge", "install", "--dsn", own],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    yield own
-    with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_database(postgres_dsn) as own:
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "pg-bridge", "install", "--dsn", own],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        yield own
 
 
 class Bridges:

@@ -4,14 +4,13 @@ balancer)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.examples.conftest import Launch, screenshot
-from tests.support.postgres import INSTALL_HINT, bin_dir, postgres_server
+from tests.support.postgres import INSTALL_HINT, bin_dir, own_database, postgres_server
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg is needed: pip install -e '.[pg]'")
 
@@ -28,12 +27,8 @@ def postgres() -> Iterator[str]:
 
 @pytest.fixture
 def dsn(postgres: str) -> Iterator[str]:
-    name = "t" + uuid.uuid4().hex[:10]
-    with psycopg.connect(postgres, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    yield f"{postgres} dbname={name}"
-    with psycopg.connect(postgres, autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with own_database(postgres) as own:
+        yield own
 
 
 def test_a_row_update_in_postgres_appears_on_the_project_page(

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 
 from tests.support.ports import free_port
@@ -81,3 +82,19 @@ def postgres_server(deadline: float = 30.0) -> Iterator[str]:
                 process.kill()
                 process.wait(5)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def own_database(server_dsn: str) -> Iterator[str]:
+    """A fresh database on the server for one test; yield its DSN, drop it (and end its
+    sessions) afterwards."""
+    import psycopg  # optional (the ``pg`` extra): imported only by tests that need it
+
+    name = "t" + uuid.uuid4().hex[:10]
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{server_dsn} dbname={name}"
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
