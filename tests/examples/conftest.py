@@ -86,7 +86,7 @@ class ExampleProcess:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                self.process.wait()
+                self.process.wait(10)
         self.log.close()
         os.unlink(self.log_path)
 
