@@ -26,7 +26,7 @@ from gateway.auth import (
     Authorizer,
     Identity,
     bearer_token,
-    cookie_token,
+    request_token,
     token_required,
 )
 from gateway.config import Settings
@@ -207,9 +207,7 @@ def parse_position_query(
         except ValueError as exc:
             raise bad_request("invalid_topic", str(exc), topic=topic[:300]) from None
     query_token = next((value for name, value in reversed(fields) if name == "token"), "")
-    headers = scope["headers"]
-    token = bearer_token(headers) or query_token or cookie_token(headers, cookie)
-    return topics, token
+    return topics, request_token(scope["headers"], query_token, cookie)
 
 
 class Gateway:

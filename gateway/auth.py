@@ -368,6 +368,14 @@ def bearer_token(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def request_token(
+    headers: Sequence[tuple[bytes, bytes]], query_token: str | None, cookie: str
+) -> str | None:
+    """The token a request carries: ``Authorization: Bearer``, else the ``token`` query
+    parameter, else the token cookie."""
+    return bearer_token(headers) or query_token or cookie_token(headers, cookie)
+
+
 def cookie_token(headers: Sequence[tuple[bytes, bytes]], name: str) -> str | None:
     prefix = name + "="
     for header, value in headers:

@@ -20,8 +20,7 @@ from starlette.types import Message, Receive, Scope, Send
 from gateway.auth import (
     Authorizer,
     Identity,
-    bearer_token,
-    cookie_token,
+    request_token,
 )
 from gateway.config import Settings
 from gateway.cors import CorsPolicy, Headers
@@ -248,12 +247,7 @@ class EventStream:
     def _token(self, scope: Scope, request: StreamRequest) -> str | None:
         if not self.authorizer.enabled:
             return None
-        headers = scope["headers"]
-        return (
-            bearer_token(headers)
-            or request.token
-            or cookie_token(headers, self.settings.token_cookie)
-        )
+        return request_token(scope["headers"], request.token, self.settings.token_cookie)
 
     async def _serve(
         self, request: StreamRequest, identity: Identity, receive: Receive, send: Send
@@ -391,9 +385,9 @@ class EventStream:
                 sub.last_key = after
                 await self._send(send, sub.position_line())
                 skipped = False
-            if not sub.held_dropped:
+            if sub.held is None or not sub.held.dropped:
                 break  # nothing is awaited from here to go_live: the held frames are whole
-            sub.hold_again()
+            sub.held.again()
             await replay.extend()
             page = await replay.next_page()
         if replay.gaps and not sub.closed:
