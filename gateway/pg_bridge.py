@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from importlib.resources import files
 from types import FrameType
@@ -146,19 +147,19 @@ class Bridge:
         with connect(settings) as conn:
             conn.execute(f"LISTEN {check_channel(settings.channel)}")
             log.info("pg-bridge: listening on %s", settings.channel)
-            prune_in = 0.0
+            prune_at = 0.0
             while not self.stopping.is_set():
                 count = self.batch(conn)
                 if count == settings.batch_size:
                     continue  # more may be waiting
-                if settings.keep_sent > 0 and count is not None and prune_in <= 0:
+                now = time.monotonic()
+                if settings.keep_sent > 0 and count is not None and now >= prune_at:
                     conn.execute(PRUNE, (settings.keep_sent,))
-                    prune_in = 60.0
+                    prune_at = now + 60.0
                 # Wait for a commit's wake-up, at most one poll interval (a missed NOTIFY, or
                 # the active bridge stopping, is then noticed by the poll).
                 for _ in conn.notifies(timeout=settings.poll_interval, stop_after=1):
                     pass
-                prune_in -= settings.poll_interval
 
     def stop(self) -> None:
         self.stopping.set()
