@@ -16,7 +16,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from gateway.engines.base import Engine, Frame
+from gateway.engines.base import Engine, Frame, HeldFrames
 from gateway.metrics import Metrics
 from publisher._frames import comment
 from publisher._schema import key_to_id
@@ -56,7 +56,6 @@ class Subscriber:
         "direct",
         "dirty",
         "held",
-        "held_dropped",
         "last_key",
         "last_write",
         "max_pending",
@@ -79,10 +78,9 @@ class Subscriber:
         self.last_key = 0
         self.chunks: list[bytes] = []
         self.pending_bytes = 0
-        self.held: list[Frame] | None = []
-        self.held_dropped = False
-        """More live frames arrived during the replay than the budget allows: they were
-        dropped, and the replay reads on to a newer clock instead (see :meth:`hold_again`)."""
+        self.held: HeldFrames[Frame] | None = HeldFrames(max_pending)
+        """Live frames kept until the replay is sent, within ``max_pending`` bytes; past that
+        they are dropped, and the replay reads on to a newer clock instead."""
         self.wake = asyncio.Event()
         self.closed = False
         self.reason = ""
@@ -105,7 +103,7 @@ class Subscriber:
         if self.closed:
             return False
         if self.held is not None:
-            self._hold(frame)
+            self.held.hold(frame, len(frame.data))
             return False
         if frame.key <= self.last_key:
             return False
@@ -145,26 +143,6 @@ class Subscriber:
             transport.write(data)
             self.last_write = now
 
-    def _hold(self, frame: Frame) -> None:
-        """Keep a live frame until the replay is sent, within ``max_pending`` bytes; past that,
-        drop them all: each is in history, where the replay will read it."""
-        assert self.held is not None
-        self.pending_bytes += len(frame.data)
-        if self.pending_bytes > self.max_pending:
-            self.held.clear()
-            self.pending_bytes = 0
-            self.held_dropped = True
-        elif not self.held_dropped:
-            self.held.append(frame)
-
-    def hold_again(self) -> None:
-        """Start holding afresh, before the replay reads a newer clock: every frame above it
-        is then held (or the replay reads on again)."""
-        if self.held is not None:
-            self.held.clear()
-        self.pending_bytes = 0
-        self.held_dropped = False
-
     def _grow(self, size: int) -> None:
         self.pending_bytes += size
         if self.pending_bytes > self.max_pending:
@@ -174,7 +152,7 @@ class Subscriber:
 
     def go_live(self, after_key: int) -> None:
         """Replay is sent: deliver what arrived meanwhile, then stream live."""
-        held, self.held = self.held or [], None
+        held, self.held = self.held.items if self.held is not None else [], None
         self.last_key = max(self.last_key, after_key)
         self.pending_bytes = 0
         for frame in held:

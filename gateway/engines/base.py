@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import NamedTuple
+from typing import Generic, NamedTuple, TypeVar
 
 from publisher import Message
 from publisher._frames import encode_frame, event_name
@@ -135,6 +135,39 @@ REPLAY_PAGE = 1000
 REPLAY_PAGE_BYTES = 256 * 1024
 """Bytes aimed for in one round of reads, across topics: what one replay holds at a time."""
 FIRST_ENTRY_GUESS = 1024
+
+
+T = TypeVar("T")
+
+
+class HeldFrames(Generic[T]):
+    """Live frames kept while a replay (or a backfill) is read, within ``budget`` bytes. Past
+    it, all are dropped (each is in history) and :attr:`dropped` tells the reader to read on
+    to a newer clock, after :meth:`again`."""
+
+    __slots__ = ("budget", "dropped", "items", "size")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.items: list[T] = []
+        self.size = 0
+        self.dropped = False
+
+    def hold(self, item: T, size: int) -> None:
+        if self.dropped:
+            return
+        self.size += size
+        if self.size > self.budget:
+            self.items.clear()
+            self.dropped = True
+        else:
+            self.items.append(item)
+
+    def again(self) -> None:
+        """Hold afresh, before the reader moves to a newer clock."""
+        self.items.clear()
+        self.size = 0
+        self.dropped = False
 
 
 class Replay:

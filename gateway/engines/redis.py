@@ -28,6 +28,7 @@ from gateway.engines.base import (
     Frame,
     Head,
     Health,
+    HeldFrames,
     History,
     HistoryBroken,
     InvalidStore,
@@ -223,10 +224,8 @@ class RedisEngine(Engine):
         self._seen: int | None = None
         """Every frame up to this id was delivered live or predates the subscriptions
         (None until the first link is up)."""
-        self._held: list[tuple[str, Frame]] | None = None
+        self._held: HeldFrames[tuple[str, Frame]] | None = None
         """Live frames that arrive while a reconnected link backfills (None when live)."""
-        self._held_bytes = 0
-        self._held_dropped = False
 
     async def start(self) -> None:
         self._tasks = [
@@ -322,7 +321,7 @@ class RedisEngine(Engine):
                 if lost_before:
                     # Pooled command connections may sit on the same dead path: start afresh.
                     await self.client.connection_pool.disconnect(inuse_connections=False)
-                self._hold_again()
+                self._held = HeldFrames(BACKFILL_HELD_BYTES)
                 self._conn = conn
                 self._connected.set()
                 recovery = asyncio.create_task(self._recover(conn), name="sse-gateway backfill")
@@ -406,14 +405,14 @@ class RedisEngine(Engine):
         if lost:
             self.on_lost(sorted(lost))
         count = await self._deliver_pages(backfill, lost)
-        while self._held_dropped:
+        while self._held is not None and self._held.dropped:
             # More live frames arrived than a backfill keeps: they are in the streams, so read
             # on to the clock of now. Topics subscribed since the backfill began are not read
             # here: their streams are ended, and resume from history.
             log.info("backfill reads on to a newer clock: live frames outgrew what it keeps")
             if newer := sorted(self._topics - set(backfill.topics) - lost):
                 self.on_lost(newer)
-            self._hold_again()
+            self._held.again()
             await backfill.extend()
             count += await self._deliver_pages(backfill, lost)
         if gaps := [t for t in backfill.gaps if t not in lost]:
@@ -421,7 +420,7 @@ class RedisEngine(Engine):
             self.on_lost(gaps)
         clock = backfill.clock
         covered = set(backfill.topics)
-        held, self._held = self._held or [], None
+        held, self._held = self._held.items if self._held is not None else [], None
         self._seen = max(self._seen or 0, clock)
         for topic, frame in held:
             if frame.key > clock or topic not in covered:
@@ -451,21 +450,6 @@ class RedisEngine(Engine):
                 self._seen = max(self._seen or 0, page[-1][0])
         self._lose_broken(backfill, lost)
         return count
-
-    def _hold(self, topic: str, frame: Frame) -> None:
-        assert self._held is not None
-        self._held_bytes += len(frame.data)
-        if self._held_bytes > BACKFILL_HELD_BYTES:
-            self._held.clear()
-            self._held_bytes = 0
-            self._held_dropped = True
-        elif not self._held_dropped:
-            self._held.append((topic, frame))
-
-    def _hold_again(self) -> None:
-        self._held = []
-        self._held_bytes = 0
-        self._held_dropped = False
 
     def _lose_broken(self, backfill: Replay, lost: set[str]) -> None:
         for broken in backfill.broken:
@@ -583,7 +567,7 @@ class RedisEngine(Engine):
                 log.warning("ignored a message that is not a frame on %r", channel[:200])
                 return
             if self._held is not None:
-                self._hold(topic, frame)
+                self._held.hold((topic, frame), len(frame.data))
             else:
                 self._deliver(topic, frame)
         elif kind in (b"subscribe", b"unsubscribe"):

@@ -105,24 +105,26 @@ def test_a_gap_in_the_first_round_is_a_reset() -> None:
 def test_live_frames_held_during_a_replay_stay_within_the_budget() -> None:
     """Issue 10 B: frames held while a replay is sent were unbounded per stream (or ended it
     as a slow consumer); past ``max_pending`` bytes they are now let go, and the stream is told
-    to read on from history instead (``held_dropped``)."""
+    to read on from history instead (``held.dropped``)."""
     from gateway.hub import Subscriber
 
     async def scenario() -> None:
         sub = Subscriber(("a",), None, max_pending=10_000)
         frames = [Frame.from_body(f"{i}-0", b"data: " + b"x" * 994) for i in range(1, 40)]
+        held = sub.held
+        assert held is not None
         for frame in frames[:5]:
             sub.offer(frame, b"")
-        assert sub.held == frames[:5]
-        assert not sub.held_dropped
+        assert held.items == frames[:5]
+        assert not held.dropped
         for frame in frames[5:]:
             sub.offer(frame, b"")
-            assert sum(len(f.data) for f in sub.held or []) <= 10_000
-        assert sub.held_dropped
+            assert sum(len(f.data) for f in held.items) <= 10_000
+        assert held.dropped
         assert not sub.closed
-        sub.hold_again()
-        assert sub.held == []
-        assert not sub.held_dropped
+        held.again()
+        assert held.items == []
+        assert not held.dropped
         sub.offer(frames[-1], b"")
         sub.go_live(frames[-2].key)
         assert sub.take() == frames[-1].data
