@@ -133,10 +133,10 @@ def connect(url: str) -> redis.Redis:
     target = sentinel_target(url)
     if target is None:
         return redis.Redis.from_url(url, **options)
-    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0
     )
-    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call,unused-ignore]
         target.service, db=target.db, username=target.username, password=target.password,
         **options,
     )  # fmt: skip
@@ -148,7 +148,7 @@ def connect_async(url: str, **extra: Any) -> redis.asyncio.Redis:
     target = sentinel_target(url)
     if target is None:
         return redis.asyncio.Redis.from_url(url, **options)
-    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = redis.asyncio.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0
     )
     client: redis.asyncio.Redis = sentinel.master_for(

@@ -42,7 +42,7 @@ def test_every_setting_is_documented_with_its_flag_and_variable() -> None:
         assert f"`{ENV_PREFIX}{field.name.upper()}`" in README, field.name
 
 
-LINTED = ["gateway", "publisher", "tests", "examples", "bench"]
+LINTED = ["gateway", "publisher", "tests", "examples", "bench", "deploy"]
 """Everything Python that the project ships or runs; the README's Python examples too."""
 
 
