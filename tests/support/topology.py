@@ -4,8 +4,9 @@ started from the repo's own files.
 
 Only what cannot be the same outside compose is substituted: the service host names and ports
 (every part listens on a free loopback port), data and temporary directories, and file paths
-that compose mounts elsewhere. Everything else (flags, environment, nginx directives, rules) is
-the file's own. :class:`Topology` starts the parts and ``close`` stops them all.
+that compose mounts elsewhere, and Prometheus's intervals (:data:`SCRAPE_INTERVAL`). Everything
+else (flags, environment, nginx directives, rules) is the file's own. :class:`Topology` starts
+the parts and ``close`` stops them all.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,13 +162,6 @@ def is_gateway_node(service: Service) -> bool:
         if Path(part).name == "sse-gateway" or part == "gateway.cli":
             return "serve" in command[index + 1 : index + 2]
     return False
-
-
-def is_redis(service: Service) -> bool:
-    image = str(service.definition.get("image", ""))
-    return image.split("/")[-1].startswith("redis") or any(
-        Path(part).name == "redis-server" for part in service.command
-    )
 
 
 def gateway_nodes(services: Mapping[str, Service]) -> list[Service]:
@@ -385,10 +379,6 @@ class Nginx:
             text = f"events {{}}\nhttp {{\ninclude /etc/nginx/mime.types;\n{text}\n}}\n"
         return text
 
-    def directive(self, name: str) -> list[str]:
-        """The values of a directive anywhere in the repo's file."""
-        return re.findall(rf"(?<![\w$]){re.escape(name)}\s+([^;]+);", self.source)
-
     def start(self, timeout: float = 15.0) -> Nginx:
         check = self._run("-t")
         if check.returncode != 0:
@@ -417,10 +407,9 @@ class Nginx:
             main.append("daemon off;")
         if not re.search(r"^\s*pid\s", self.source, re.MULTILINE):
             main.append(f"pid {self.dir / 'nginx.pid'};")
-        return [
-            self.binary, "-p", f"{self.dir}/", "-c", str(self.conf_path),
-            "-e", str(self.dir / "error.log"), "-g", " ".join(main), *extra,
-        ]  # fmt: skip
+        command = [self.binary, "-p", f"{self.dir}/", "-c", str(self.conf_path)]
+        command += ["-e", str(self.dir / "error.log")]
+        return [*command, *(["-g", " ".join(main)] if main else []), *extra]
 
     def _run(self, *extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self._command(*extra), capture_output=True, text=True, timeout=30)
@@ -468,17 +457,11 @@ class Prometheus:
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    @property
-    def rule_files(self) -> list[Path]:
-        return [Path(p) for p in self.config.get("rule_files") or []]
-
     def _substitute(self, nodes: Mapping[str, int]) -> None:
         config = self.config
-        for section in ("global",):
-            block = config.setdefault(section, {})
-            block["scrape_interval"] = SCRAPE_INTERVAL
-            block["evaluation_interval"] = SCRAPE_INTERVAL
-            block.pop("scrape_timeout", None)
+        block = config.setdefault("global", {})
+        block["scrape_interval"] = block["evaluation_interval"] = SCRAPE_INTERVAL
+        block.pop("scrape_timeout", None)  # it may not exceed the interval
         config["rule_files"] = [str(self._rule_path(p)) for p in config.get("rule_files") or []]
         for job in config.get("scrape_configs") or []:
             for key in ("scrape_interval", "scrape_timeout"):
@@ -624,12 +607,3 @@ class Topology:
                 node.close()
         self.redis.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def topology(root: Path = ROOT) -> Iterator[Topology]:
-    parts = Topology(root)
-    try:
-        yield parts.start()
-    finally:
-        parts.close()
