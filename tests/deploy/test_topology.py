@@ -344,6 +344,18 @@ def test_prometheus_sees_every_node_up(stack: Stack) -> None:
     wait_until("up == 1 for every node", 20, all_up, 0.2)
 
 
+def test_prometheus_saw_the_draining_node_unready(stack: Stack, drained: Drain) -> None:
+    """What the not-ready alert and the refusals panel watch: the SIGTERMed node reported
+    itself unready and counted its ``draining`` refusal before it exited."""
+    prometheus = stack.parts.prometheus
+    assert prometheus is not None
+    instance = f'instance="127.0.0.1:{stack.parts.ports[drained.victim]}"'
+    lowest = prometheus.query(f"min_over_time(sse_node_ready{{{instance}}}[5m])")
+    assert [r["value"][1] for r in lowest] == ["0"], lowest
+    refused = prometheus.query(f'sse_streams_refused_total{{{instance},reason="draining"}}[5m]')
+    assert refused, "no draining refusal was scraped from the draining node"
+
+
 GRAFANA_INTERVALS = re.compile(r"\$\{?__(?:rate_interval|interval|range)(?::\w+)?\}?")
 
 
