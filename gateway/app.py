@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 from collections.abc import AsyncIterator
 from typing import Any
@@ -82,6 +83,14 @@ def make_engine(settings: Settings) -> Engine:
     from gateway.engines.memory import MemoryEngine
 
     return MemoryEngine(retention, settings.idempotency_ttl)
+
+
+def multiprocess_dir(settings: Settings) -> str | None:
+    """Where this node's workers share their metrics (``--workers`` above 1, set up by the
+    CLI); None: this process's own registry answers ``/metrics``."""
+    if settings.workers > 1:
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+    return None
 
 
 def describe_engine(settings: Settings) -> str:
@@ -215,8 +224,9 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
+        self.metrics = Metrics(multiprocess_dir(settings))
         self.engine = make_engine(settings)
+        self.engine.set_observer(self.metrics)
         self.hub = Hub(
             self.engine,
             self.metrics,
@@ -241,6 +251,7 @@ class Gateway:
     def begin_shutdown(self) -> None:
         """Refuse new streams (with a refusal browsers retry) and end the open ones."""
         self.stream.accepting = False
+        self.metrics.draining()
         if self.demo is not None:
             self.demo.halt()
         self.hub.close_all("shutdown")
@@ -256,6 +267,7 @@ class Gateway:
         balancer. A closed port would instead be an error page from many balancers, which
         ends an ``EventSource`` for good."""
         self.stream.accepting = False
+        self.metrics.draining()
         if self.demo is not None:
             self.demo.halt()
         loop = asyncio.get_running_loop()
@@ -334,6 +346,12 @@ class Gateway:
         counts) and authorized whole before anything is stored. Idempotency keys are scoped
         to the caller (see ``idempotency_scope``); failures are answered without internals
         and logged with them."""
+        outcome, answer = await self._publish(request)
+        self.metrics.publish_requests.labels(outcome).inc()
+        return answer
+
+    async def _publish(self, request: Request) -> tuple[str, Response]:
+        """The outcome (``accepted`` or the error code) and the answer."""
         batch = False
         try:
             identity = await self._publisher_identity(request)
@@ -356,27 +374,28 @@ class Gateway:
             else:
                 ids = [await self.engine.publish(messages[0])]
         except ClientDisconnect:
-            return Response(status_code=400)
+            return "client_disconnected", Response(status_code=400)
         except HTTPError as exc:
             self.metrics.rejected.labels(str(exc.status)).inc()
-            return exc.response()
+            return exc.error, exc.response()
         except EngineUnavailable as exc:
             log.warning("publish failed: %s", exc)
-            return _batch_note(HTTPError(
+            return "engine_unavailable", _batch_note(HTTPError(
                 503, "engine_unavailable", "the event store is unavailable; retry later",
                 {"retry-after": "1"},
             ), batch).response()  # fmt: skip
         except PublishFailed as exc:
-            return _batch_note(failed_answer(exc), batch).response()
+            answer = _batch_note(failed_answer(exc), batch)
+            return answer.error, answer.response()
         except NotReplicated as exc:
             answer = not_replicated_answer(exc)
             if batch:
                 answer.extra["ids"] = exc.ids
-            return answer.response()
+            return answer.error, answer.response()
         self.metrics.published.inc(len(ids))
         if batch:
-            return JSONResponse({"results": [{"id": event_id} for event_id in ids]})
-        return JSONResponse({"id": ids[0]})
+            return "accepted", JSONResponse({"results": [{"id": i} for i in ids]})
+        return "accepted", JSONResponse({"id": ids[0]})
 
     async def position(self, request: Request) -> Response:
         """``GET /position``: the newest id issued, ``{"id": "<ms>-<seq>"}`` (``0-0`` before

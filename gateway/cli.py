@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import logging.config
 import os
 import signal
 import socket
@@ -121,9 +122,11 @@ def _has(module: str) -> bool:
 def serve(settings: Settings) -> int:
     check_exposure(settings)
     if settings.workers > 1:
-        from gateway.workers import supervise
+        from gateway.workers import metrics_directory, supervise
 
-        return supervise(settings, run_node)
+        logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+        with metrics_directory():
+            return supervise(settings, run_node)
     return run_node(settings)
 
 
@@ -139,9 +142,10 @@ def run_node(settings: Settings, sock: socket.socket | None = None) -> int:
         loop="uvloop" if _has("uvloop") else "asyncio",
         http=protocol_class(http, settings.header_timeout, bound),
         h11_max_incomplete_event_size=bound,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=SHUTDOWN_MARGIN,
         server_header=False,
     )

@@ -127,7 +127,15 @@ class Settings:
         False, "serve /demo, a live page fed by simulated jobs published in this node (development)"
     )
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt(
+        "plain", "plain (text lines) or json (one JSON object per line, for log collectors)"
+    )
     access_log: bool = _opt(True, "log one line per HTTP request")
+    forwarded_allow_ips: str | None = _opt(
+        None,
+        "proxy addresses whose X-Forwarded-For/-Proto are trusted (comma list, '*' for any; "
+        "default: uvicorn's FORWARDED_ALLOW_IPS variable, else 127.0.0.1)",
+    )
 
     @property
     def auth_enabled(self) -> bool:
@@ -267,9 +275,14 @@ def _validate(settings: Settings) -> None:
             "--workers above 1 needs --redis-url: the in-memory engine lives in one process, "
             "so workers would not see each other's events"
         )
+    if settings.log_format not in LOG_FORMATS:
+        raise SystemExit(
+            f"--log-format: {settings.log_format!r} is not one of {', '.join(LOG_FORMATS)}"
+        )
     _validate_security(settings)
 
 
+LOG_FORMATS = ("plain", "json")
 SUPPORTED_ALGORITHMS = (
     "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
     "ES256", "ES384", "ES512", "EdDSA",

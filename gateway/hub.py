@@ -55,11 +55,13 @@ class Subscriber:
         "closed",
         "direct",
         "dirty",
+        "events",
         "held",
         "last_key",
         "last_write",
         "max_pending",
         "pending_bytes",
+        "raw",
         "reason",
         "stalled_since",
         "topics",
@@ -76,6 +78,10 @@ class Subscriber:
         self.types = types
         self.max_pending = max_pending
         self.last_key = 0
+        self.events = 0
+        """Events queued to this client (live and replay), for its closing log line; a
+        direct client's are counted per write, not per frame (``raw``: what is not events)."""
+        self.raw = 0
         self.chunks: list[bytes] = []
         self.pending_bytes = 0
         self.held: HeldFrames[Frame] | None = HeldFrames(max_pending)
@@ -116,6 +122,7 @@ class Subscriber:
                 self.dirty.append(self)
             self.wire.append(wire)
             return True
+        self.events += 1
         self.chunks.append(frame.data)
         self._grow(len(frame.data))
         return True
@@ -134,6 +141,8 @@ class Subscriber:
         if not wire or transport is None:
             return
         data = wire[0] if len(wire) == 1 else b"".join(wire)
+        frames = len(wire) - self.raw
+        self.raw = 0
         wire.clear()
         if transport.is_closing():
             self.close("client_closed")
@@ -141,6 +150,7 @@ class Subscriber:
             self.close("slow_consumer")
         else:
             transport.write(data)
+            self.events += frames
             self.last_write = now
 
     def _grow(self, size: int) -> None:
@@ -150,14 +160,19 @@ class Subscriber:
         else:
             self.wake.set()
 
-    def go_live(self, after_key: int) -> None:
-        """Replay is sent: deliver what arrived meanwhile, then stream live."""
+    def go_live(self, after_key: int) -> tuple[int, int]:
+        """Replay is sent: deliver what arrived meanwhile, then stream live. Returns the events
+        and bytes so queued (live dispatch did not count them: they were held)."""
         held, self.held = self.held.items if self.held is not None else [], None
         self.last_key = max(self.last_key, after_key)
         self.pending_bytes = 0
+        events = size = 0
         for frame in held:
-            self.offer(frame, b"")  # not direct yet: queued for the writer task
+            if self.offer(frame, b""):  # not direct yet: queued for the writer task
+                events += 1
+                size += len(frame.data)
         self.wake.set()
+        return events, size
 
     def write_raw(self, data: bytes) -> None:
         if self.closed:
@@ -166,6 +181,7 @@ class Subscriber:
             if not self.wire:
                 self.dirty.append(self)
             self.wire.append(http_chunk(data))
+            self.raw += 1
             return
         self.chunks.append(data)
         self._grow(len(data))
@@ -196,6 +212,7 @@ class Subscriber:
         else:
             if self.wire and transport is not None and not transport.is_closing():
                 transport.write(b"".join(self.wire))
+                self.events += len(self.wire) - self.raw
             self.wire.clear()
             if farewell:
                 self.chunks.append(farewell)
@@ -321,7 +338,7 @@ class Hub:
         for sub in state.subscribers:
             if sub.offer(frame, wire):
                 delivered += 1
-        self.metrics.observe_dispatch(frame.key, delivered)
+        self.metrics.observe_dispatch(frame.key, delivered, len(frame.data))
         if self.dirty and not self._flush_pending:
             self._schedule_flush()
 

@@ -193,8 +193,10 @@ class EventStream:
             self.admission.check_subject(identity.subject)
             self.admission.check_node()  # again: verifying may have waited for the JWKS
         except HTTPError as exc:
+            self.metrics.attempts.labels(exc.error).inc()
             await self._refuse(exc, scope, receive, send, cors_headers)
             return
+        self.metrics.attempts.labels("accepted").inc()
         address = client[0] if client else None
         headers = STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS
         self.admission.opened(identity.subject, address)
@@ -254,6 +256,7 @@ class EventStream:
     ) -> None:
         sub = Subscriber(request.topics, request.types, self.settings.max_pending_bytes)
         loop = asyncio.get_running_loop()
+        started = loop.time()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
         watcher = asyncio.create_task(_wait_disconnect(receive))
@@ -280,8 +283,19 @@ class EventStream:
             if work is not None and not work.cancelled() and work.exception() is not None:
                 log.error("stream failed", exc_info=work.exception())
             self.hub.detach(sub)
+            reason = sub.reason or "closed"
             self.metrics.connections.dec()
-            self.metrics.disconnects.labels(sub.reason or "closed").inc()
+            self.metrics.disconnects.labels(reason).inc()
+            log.info(
+                "stream closed",
+                extra={
+                    "subject": identity.subject,
+                    "topics": len(request.topics),
+                    "duration_s": round(loop.time() - started, 3),
+                    "events": sub.events,
+                    "reason": reason,
+                },
+            )
         if sub.reason in SHED_REASONS:
             await _abort(send)
 
@@ -298,7 +312,7 @@ class EventStream:
             )
         if lifetime := self.settings.max_lifetime:
             lifetime *= 1 - 0.1 * random.random()
-            timers.append(loop.call_later(lifetime, sub.close, "lifetime", self.retry_hint()))
+            timers.append(loop.call_later(lifetime, sub.close, "max_lifetime", self.retry_hint()))
         return timers
 
     def retry_hint(self) -> bytes:
@@ -359,7 +373,7 @@ class EventStream:
         budget = self.settings.max_pending_bytes
         skipped = False
         while not sub.closed:
-            sent = 0
+            sent = sent_bytes = 0
             for frame in page:
                 after = frame.key
                 if types is not None and frame.event not in types:
@@ -368,6 +382,7 @@ class EventStream:
                 skipped = False
                 chunks.append(frame.data)
                 size += len(frame.data)
+                sent_bytes += len(frame.data)
                 sent += 1
                 if size >= budget:
                     await self._send(send, b"".join(chunks))
@@ -376,8 +391,8 @@ class EventStream:
                 await self._send(send, b"".join(chunks))
                 chunks, size = [], 0
             if sent:
-                self.metrics.replayed.inc(sent)
-                self.metrics.delivered.inc(sent)
+                sub.events += sent
+                self.metrics.sent(sent, sent_bytes, replayed=sent)
             if page:
                 page = await replay.next_page()
                 continue
@@ -397,7 +412,8 @@ class EventStream:
             log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
             sub.close("history_lost", self.retry_hint())
             return
-        sub.go_live(after)
+        events, size = sub.go_live(after)
+        self.metrics.sent(events, size)
 
     async def _write_live(self, sub: Subscriber, send: Send) -> None:
         loop = asyncio.get_running_loop()

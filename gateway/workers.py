@@ -4,18 +4,27 @@ Each worker binds its own listening socket with ``SO_REUSEPORT``, so the kernel 
 connections across them evenly (a shared accept socket wakes every worker per connection and
 hands most to whichever is least busy at that instant). The supervisor forwards SIGTERM/SIGINT,
 so every worker drains on its own schedule, and restarts a worker that dies unexpectedly.
+
+The workers share their metrics through prometheus-client's multiprocess mode: one scrape of
+any worker reports the whole node (``metrics_directory``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.process
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from gateway.config import Settings
 
@@ -37,6 +46,37 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
 
 
 Worker = Callable[[Settings, socket.socket], int]
+MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def metrics_directory() -> Iterator[str]:
+    """The directory where the workers write their metrics, empty at start: the operator's
+    ``PROMETHEUS_MULTIPROC_DIR`` (created if missing; its ``.db`` files are removed, as they
+    describe processes of an earlier run), else a private one removed at exit. It is set in
+    the environment before any worker is spawned: prometheus-client reads it at import."""
+    given = os.environ.get(MULTIPROC_VARIABLE)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):
+            if name.endswith(".db"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(given, name))
+        yield given
+        return
+    path = tempfile.mkdtemp(prefix="sse-gateway-metrics-")
+    os.environ[MULTIPROC_VARIABLE] = path
+    try:
+        yield path
+    finally:
+        os.environ.pop(MULTIPROC_VARIABLE, None)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _gone(process: multiprocessing.process.BaseProcess) -> None:
+    """A worker ended: its live gauges (open streams, topics, readiness) leave the sums."""
+    if process.pid is not None and os.environ.get(MULTIPROC_VARIABLE):
+        mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
 
 
 def _run_worker(run: Worker, settings: Settings) -> None:
@@ -73,6 +113,7 @@ def supervise(settings: Settings, run: Worker) -> int:
                     log.warning(
                         "worker %s exited with %s; restarting", process.pid, process.exitcode
                     )
+                    _gone(process)
                     time.sleep(RESTART_DELAY)
                     if not stopping:
                         workers[index] = start()
@@ -84,6 +125,7 @@ def supervise(settings: Settings, run: Worker) -> int:
                 log.warning("worker %s did not stop in time; killing it", process.pid)
                 process.kill()
                 process.join()
+            _gone(process)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

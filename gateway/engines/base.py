@@ -437,6 +437,27 @@ class InvalidStore(EngineUnavailable):
     """The engine holds data this node cannot read (e.g. a clock that is not an id)."""
 
 
+class EngineObserver:
+    """What an engine reports about its own state, for the node's metrics. The app sets one
+    (``Engine.set_observer``); the engine knows nothing of what it feeds. Each call is per
+    event of the link (a reconnect, a probe, a command round trip), never per frame."""
+
+    def link(self, up: bool) -> None:
+        """The live link is up and live (True), or down or backfilling (False)."""
+
+    def reconnected(self) -> None:
+        """The live link connected again after it was lost."""
+
+    def backfilled(self, events: int) -> None:
+        """A reconnected link handed on ``events`` events read from history."""
+
+    def probe_failed(self) -> None:
+        """A self-probe did not come back in time."""
+
+    def command(self, name: str, seconds: float) -> None:
+        """One round trip of command ``name`` to the store took ``seconds``."""
+
+
 class Engine(abc.ABC):
     """Subscribe / replay / publish behind one interface."""
 
@@ -445,6 +466,11 @@ class Engine(abc.ABC):
     def __init__(self) -> None:
         self.on_frame: FrameListener = lambda topic, frame: None
         self.on_lost: LostListener = lambda topics: None
+        self.observer = EngineObserver()
+
+    def set_observer(self, observer: EngineObserver) -> None:
+        """Where to report link state and command latency (before :meth:`start`)."""
+        self.observer = observer
 
     def set_listeners(self, on_frame: FrameListener, on_lost: LostListener) -> None:
         """``on_frame`` gets every live frame of a subscribed topic, in id order;

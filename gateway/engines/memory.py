@@ -35,7 +35,7 @@ class MemoryEngine(Engine):
         self._subscribed: set[str] = set()
 
     async def start(self) -> None:
-        pass
+        self.observer.link(True)  # in-process: there is no link to lose
 
     async def close(self) -> None:
         self._subscribed.clear()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -24,6 +25,7 @@ from redis.exceptions import OutOfMemoryError, ReadOnlyError, RedisError, Respon
 
 from gateway.engines.base import (
     Engine,
+    EngineObserver,
     EngineUnavailable,
     Frame,
     Head,
@@ -81,7 +83,7 @@ def _pubsub_pool(url: str) -> ConnectionPool:
         if url.startswith("unix://"):
             del options["socket_keepalive"]  # a unix socket connection does not take it
         return ConnectionPool.from_url(url, **options)
-    sentinel = Sentinel(target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(target.sentinels, socket_timeout=2.0, socket_connect_timeout=2.0)  # type: ignore[no-untyped-call,unused-ignore]
     return SentinelConnectionPool(  # type: ignore[no-untyped-call]
         target.service, sentinel, db=target.db, username=target.username,
         password=target.password, **options,
@@ -130,13 +132,16 @@ class RedisHistory(History):
         self.client = client
         self.keys = keys
         self.slots = slots
+        self.observer = EngineObserver()
 
     async def head(self) -> Head:
         try:
             async with self.slots, self.client.pipeline(transaction=False) as pipe:
                 pipe.mget(self.keys.clock, self.keys.origin)
                 pipe.time()
+                started = time.perf_counter()
                 (clock, origin), (seconds, micros) = await pipe.execute()
+                self.observer.command("head", time.perf_counter() - started)
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"reading the clock failed: {exc}") from None
         return Head(
@@ -150,7 +155,9 @@ class RedisHistory(History):
             async with self.slots, self.client.pipeline(transaction=False) as pipe:
                 for topic, after, count in requests:
                     pipe.xrange(self.keys.stream(topic), _after(after), "+", count=count)
+                started = time.perf_counter()
                 results = await pipe.execute(raise_on_error=False)
+                self.observer.command("read_history", time.perf_counter() - started)
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"replay failed: {exc}") from None
         return [
@@ -226,6 +233,13 @@ class RedisEngine(Engine):
         (None until the first link is up)."""
         self._held: HeldFrames[tuple[str, Frame]] | None = None
         """Live frames that arrive while a reconnected link backfills (None when live)."""
+        self._links = 0
+        """Pub/sub links that came up (subscribed and backfilled) so far: each after the first
+        is a reconnect."""
+
+    def set_observer(self, observer: EngineObserver) -> None:
+        super().set_observer(observer)
+        self.history.observer = observer
 
     async def start(self) -> None:
         self._tasks = [
@@ -290,7 +304,9 @@ class RedisEngine(Engine):
             async with asyncio.timeout(2.0), self.client.pipeline(transaction=False) as pipe:
                 pipe.ping()
                 pipe.set(self._ready_key, b"1", px=10_000)
+                started = time.perf_counter()
                 pong, wrote = await pipe.execute(raise_on_error=False)
+                self.observer.command("ready", time.perf_counter() - started)
         except (RedisError, OSError, TimeoutError):
             pong = wrote = None
         if pong is None or isinstance(pong, Exception):
@@ -425,6 +441,12 @@ class RedisEngine(Engine):
         for topic, frame in held:
             if frame.key > clock or topic not in covered:
                 self._deliver(topic, frame)
+        if count:
+            self.observer.backfilled(count)
+        self._links += 1
+        if self._links > 1:
+            self.observer.reconnected()
+        self.observer.link(True)
         if count or lost:
             log.info(
                 "pub/sub link restored: %d events backfilled, %d topics lost history",
@@ -501,6 +523,7 @@ class RedisEngine(Engine):
                     # subscribed topic up to that clock has arrived (the probe came after it).
                     self._seen = max(self._seen or 0, clock)
             except TimeoutError:  # before OSError, of which it is a subclass
+                self.observer.probe_failed()
                 if conn is self._conn:
                     log.warning("pub/sub link is silent: reconnecting")
                     await conn.disconnect()
@@ -516,7 +539,9 @@ class RedisEngine(Engine):
         async with self.client.pipeline(transaction=False) as pipe:
             pipe.get(self.keys.clock)
             pipe.publish(self._probe_channel, token)
+            started = time.perf_counter()
             clock, _ = await pipe.execute()
+            self.observer.command("probe", time.perf_counter() - started)
         try:
             return _stored_id(self.keys, "clock", clock)
         except InvalidStore:
@@ -546,6 +571,7 @@ class RedisEngine(Engine):
     def _drop_link(self) -> None:
         self._conn = None
         self._connected.clear()
+        self.observer.link(False)
         for waiters in self._confirmations.values():
             for waiter in waiters:
                 if waiter is not None and not waiter.done():
@@ -631,7 +657,11 @@ class RedisEngine(Engine):
         ``NotReplicated`` passes through (the events are stored and delivered)."""
         try:
             async with self._slots:
-                return await self.transport.send(list(messages))
+                started = time.perf_counter()
+                try:
+                    return await self.transport.send(list(messages))
+                finally:
+                    self.observer.command("publish", time.perf_counter() - started)
         except NotReplicated:
             raise
         except (RedisError, OSError) as exc:
