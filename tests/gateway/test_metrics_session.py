@@ -341,3 +341,14 @@ def test_a_lost_link_counts_one_reconnect_and_exactly_its_backfill(
         assert after["sse_events_delivered_total"] == before["sse_events_delivered_total"] + 5
 
     asyncio.run(scenario())
+
+
+def test_the_in_memory_engine_reports_its_link_up_and_the_node_ready(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """No link to lose: the alert on ``sse_engine_link_up`` stays quiet for such a node."""
+    samples = scrape(gateway_factory().url)
+    assert samples["sse_engine_link_up"] == 1
+    assert samples["sse_node_ready"] == 1
+    assert samples["sse_engine_reconnects_total"] == 0
+    assert not family(samples, "sse_redis_command_seconds_count")
