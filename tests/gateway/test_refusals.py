@@ -53,7 +53,12 @@ def held(http: httpx.Client, query: str = "topic=t", **headers: str) -> Iterator
     with http.stream("GET", "/events?" + query, headers={**EVENT_STREAM, **headers}) as response:
         assert response.status_code == 200, response.read()
         chunks = response.iter_raw()  # kept: a dropped iterator would close the stream
-        assert next(chunks).startswith(b"retry: ")
+        head = b""
+        while b"\n\n" not in head:
+            head += next(chunks)
+        # a refusal is a 200 that starts with ``retry:`` too: only the preamble says "ok"
+        assert head.startswith(b"retry: "), head
+        assert b"\n: ok\n" in head, head
         yield
 
 
@@ -64,15 +69,21 @@ def open_streams(http: httpx.Client) -> float:
     raise AssertionError("no sse_connections gauge")
 
 
+def wait_open_streams(http: httpx.Client, most: float) -> None:
+    """Returns once the node counts at most ``most`` open streams (a stream the client closed
+    is open for the node until it reads the close)."""
+    deadline = time.monotonic() + 5
+    while open_streams(http) > most:
+        assert time.monotonic() < deadline, "the node never saw the stream close"
+        time.sleep(0.01)
+
+
 def assert_accepted(http: httpx.Client, query: str = "topic=t", **headers: str) -> None:
     """Accepted; returns once the node has seen the stream close again."""
     before = open_streams(http)
     with held(http, query, **headers):
         pass
-    deadline = time.monotonic() + 5
-    while open_streams(http) > before:
-        assert time.monotonic() < deadline, "the node never saw the stream close"
-        time.sleep(0.01)
+    wait_open_streams(http, before)
 
 
 def metric(gateway: GatewayProcess, name: str, **labels: str) -> float:
@@ -109,6 +120,7 @@ def test_a_full_node_gives_an_event_stream_client_a_jittered_retried_refusal(
             head = http.head("/events?topic=t", headers=EVENT_STREAM)
             assert head.status_code == 503, head
 
+        wait_open_streams(http, 0)
         assert_accepted(http)  # the slot is free again
 
         refused_total = metric(gateway, "sse_streams_refused_total", reason="too_many_connections")
