@@ -265,8 +265,6 @@ class EventStream:
         if self.settings.tcp_keepalive:
             enable_keepalive(send, self.settings.tcp_keepalive)
         try:
-            await self._send(send, self.preamble)
-            sub.last_write = loop.time()
             work = sub.writer = asyncio.create_task(self._run(sub, request, send))
             await asyncio.wait((watcher, work), return_when=asyncio.FIRST_COMPLETED)
             if watcher.done():
@@ -322,6 +320,10 @@ class EventStream:
     async def _run(self, sub: Subscriber, request: StreamRequest, send: Send) -> None:
         try:
             await self.hub.attach(sub)
+            # The preamble goes out once every topic is subscribed: a client (or a test) that
+            # has read ``: ok`` knows that every event published from then on reaches it.
+            await self._send(send, self.preamble)
+            sub.last_write = asyncio.get_running_loop().time()
             replay = await self.engine.replay(request.topics, request.position)
             await self._send_replay(sub, request.position, replay, send)
         except EngineUnavailable as exc:
