@@ -4,7 +4,6 @@ downloaded browser. They skip, saying why, where either is missing; CI installs 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,7 +30,3 @@ def browser() -> Iterator[Any]:
             yield chromium
         finally:
             chromium.close()
-
-
-def have_redis() -> bool:
-    return shutil.which("redis-server") is not None or "REDIS_URL" in os.environ

@@ -17,12 +17,9 @@ import httpx
 import pytest
 
 from publisher import Publisher, Retention
-from tests.browser.conftest import have_redis
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.tokens import SECRET, hs256
-
-pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server (or REDIS_URL)")
 
 WAIT_MS = 15_000
 TOPIC = "feed:x"

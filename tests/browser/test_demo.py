@@ -14,20 +14,17 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from gateway.demo import TOPICS
 from publisher import Publisher
 from publisher._schema import Keys, id_key
-from tests.browser.conftest import have_redis
 from tests.conftest import GatewayFactory
 
 WAIT_MS = 30_000
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("SSE_GATEWAY_TEST_ARTIFACTS") or ROOT / "tests" / ".artifacts")
 
-pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server (or REDIS_URL)")
 
 STATUS = "() => document.getElementById('status').dataset.status"
 LOG_IDS = "() => [...document.querySelectorAll('#log li[data-id]')].map(li => li.dataset.id)"

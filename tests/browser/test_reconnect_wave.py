@@ -14,10 +14,8 @@ import time
 
 import httpx
 import orjson
-import pytest
 
 from publisher import Publisher
-from tests.browser.conftest import have_redis
 from tests.browser.eventsource import OPEN, Crowd, EventSourceLike
 from tests.chaos.harness import LoadBalancer, wait_until
 from tests.support.gateway import GatewayProcess
@@ -25,8 +23,6 @@ from tests.support.gateway import GatewayProcess
 CLIENTS = 500
 NODE_ARGS = ("--drain-seconds", "3", "--retry-ms", "500")
 """Default admission limits: the point is that they let the wave through."""
-
-pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server (or REDIS_URL)")
 
 
 def open_streams(node: GatewayProcess) -> float:

@@ -12,10 +12,7 @@ import threading
 import time
 from typing import Any
 
-import pytest
-
 from publisher import Publisher
-from tests.browser.conftest import have_redis
 from tests.browser.page import log_of, open_page
 from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
@@ -24,8 +21,6 @@ PAGES = 6
 """Each in a context of its own (a browser allows 6 connections per host and profile)."""
 WAIT_MS = 20_000
 NODE_ARGS = ("--drain-seconds", "2", "--retry-ms", "400", "--heartbeat", "2")
-
-pytestmark = pytest.mark.skipif(not have_redis(), reason="needs redis-server (or REDIS_URL)")
 
 
 class Numbered:

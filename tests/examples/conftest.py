@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import browser, have_redis
+from tests.browser.conftest import browser
 from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
@@ -100,8 +100,6 @@ def launch(request: pytest.FixtureRequest) -> Iterator[Launch]:
     ``node_args`` are the gateway options the example passes when it starts its own."""
     started: list[Any] = []
     mode: str = request.param
-    if mode != "embedded" and not have_redis():
-        pytest.skip("needs redis-server (or REDIS_URL)")
 
     def start(
         name: str, node_args: Sequence[str] = (), env: dict[str, str] | None = None

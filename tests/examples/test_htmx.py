@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 
-from tests.browser.conftest import have_redis
 from tests.chaos.harness import LoadBalancer
 from tests.examples.conftest import ROOT, ExampleProcess, readme_command, screenshot
 from tests.support.gateway import GatewayProcess
@@ -90,8 +89,6 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     redis_url: str | None = None
     prefix = ""
     if request.param != "embedded":
-        if not have_redis():
-            pytest.skip("needs redis-server (or REDIS_URL)")
         redis_url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("prefix")
     deployment = Deployment(request.param, redis_url, prefix)

@@ -8,7 +8,6 @@ node that cannot serve them, and takes it back once Redis returns.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,6 +16,7 @@ import pytest
 
 from publisher import Publisher
 from tests.conftest import GatewayFactory, Node
+from tests.support import redis_server
 from tests.support.gateway import GatewayProcess
 from tests.support.redis_server import RedisServer
 from tests.support.sse import SSEStream, open_stream
@@ -73,15 +73,8 @@ def test_metrics_is_prometheus_text_that_counts_open_streams(node: Node) -> None
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, which the test may stop and restart on its port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
-    server = RedisServer(binary)
-    try:
-        server.start()
+    with redis_server.own_redis() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

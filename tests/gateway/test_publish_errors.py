@@ -9,7 +9,6 @@ of retrying for ``retry_for``. The raw cause is logged by the gateway.
 from __future__ import annotations
 
 import re
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ import redis
 
 from publisher import Publisher, PublishError
 from tests.conftest import GatewayFactory
+from tests.support import redis_server
 from tests.support.gateway import GatewayProcess
 from tests.support.redis_server import RedisServer
 
@@ -75,13 +75,8 @@ def test_a_clock_the_script_refuses_is_a_500_that_names_no_internals(
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server on PATH")
-    server = RedisServer(binary, "--maxmemory-policy", "noeviction")
-    server.start()
-    yield server
-    server.close()
+    with redis_server.own_redis("--maxmemory-policy", "noeviction") as server:
+        yield server
 
 
 def test_a_full_redis_is_a_507_that_the_http_publisher_does_not_retry(

@@ -7,8 +7,6 @@ be configured or broken) and real gateway processes."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import shutil
 import time
 from collections.abc import Callable, Iterator
 
@@ -20,7 +18,7 @@ import redis
 from publisher import Publisher
 from tests.chaos.harness import BlackholeProxy
 from tests.conftest import GatewayFactory
-from tests.support.redis_server import RedisServer
+from tests.support import redis_server
 from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
 
 BLACKHOLE_SECONDS = 11.0
@@ -55,24 +53,6 @@ def ended(stream: SSEStream) -> bool:
 
 def refusals(stream: SSEStream) -> list[dict[str, str]]:
     return [orjson.loads(e.data) for e in stream.events if e.event == "refused"]
-
-
-@pytest.fixture
-def redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not on PATH")
-    return binary
-
-
-@contextlib.contextmanager
-def own_redis(binary: str, *extra: str) -> Iterator[RedisServer]:
-    server = RedisServer(binary, *extra)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.close()
 
 
 # -- Blackhole ----------------------------------------------------------------------------------
@@ -256,12 +236,12 @@ def test_a_garbage_clock_gives_a_clear_answer_not_a_crash(
 
 
 def test_start_up_warns_about_an_eviction_policy_and_missing_replicas(
-    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+    prefix: str, gateway_factory: GatewayFactory
 ) -> None:
     """Issue 10 D: at start-up the node warns when Redis may evict the clock (an allkeys-*
     ``maxmemory-policy``) and when ``--publish-replicas`` asks for more replicas than are
     attached."""
-    with own_redis(redis_binary, "--maxmemory-policy", "allkeys-lru") as server:
+    with redis_server.own_redis("--maxmemory-policy", "allkeys-lru") as server:
         gateway = gateway_factory(
             "--prefix", prefix, "--publish-replicas", "1", redis_url=server.url
         )
@@ -273,10 +253,10 @@ def test_start_up_warns_about_an_eviction_policy_and_missing_replicas(
 
 
 def test_start_up_checks_tolerate_a_redis_that_refuses_config(
-    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+    prefix: str, gateway_factory: GatewayFactory
 ) -> None:
     """Issue 10 D: a managed Redis may disable CONFIG; the node starts and serves anyway."""
-    with own_redis(redis_binary, "--rename-command", "CONFIG", '""') as server:
+    with redis_server.own_redis("--rename-command", "CONFIG", '""') as server:
         gateway = gateway_factory("--prefix", prefix, redis_url=server.url)
         assert readyz(gateway.url)[0] == 200
         assert "maxmemory-policy" not in gateway.output()
@@ -286,13 +266,13 @@ def test_start_up_checks_tolerate_a_redis_that_refuses_config(
 
 
 def test_replays_keep_working_when_redis_refuses_writes_and_readiness_says_so(
-    redis_binary: str, prefix: str, gateway_factory: GatewayFactory
+    prefix: str, gateway_factory: GatewayFactory
 ) -> None:
     """Issue 10 D, a full Redis: at ``maxmemory`` under ``noeviction`` every replay used to
     fail (Redis refuses commands queued in MULTI) while /readyz said ready. Now replays read
     without transactions and keep working; /readyz stays 200 (streams are served) and says
     that publishing is refused."""
-    with own_redis(redis_binary, "--maxmemory-policy", "noeviction") as srv:
+    with redis_server.own_redis("--maxmemory-policy", "noeviction") as srv:
         with Publisher.from_url(srv.url, prefix=prefix) as pub:
             ids = [pub.publish(["full", "other"], f"e{i}") for i in range(50)]
         gateway = gateway_factory("--prefix", prefix, redis_url=srv.url)

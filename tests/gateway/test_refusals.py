@@ -12,7 +12,6 @@ stay JSON for everyone. Each refusal is counted by reason in ``/metrics``.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from gateway.config import Settings
 from gateway.errors import HTTPError
 from gateway.limits import PUBLIC_ADDRESS_RATE, PUBLIC_ADDRESS_STREAMS, Admission, is_public
 from tests.conftest import GatewayFactory
+from tests.support import redis_server
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
@@ -290,15 +290,9 @@ def test_an_unreachable_key_server_is_a_retried_refusal(gateway_factory: Gateway
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server on PATH to stop it under a node")
-    server = RedisServer(binary)
-    server.start()
-    try:
+    """A Redis of this test's own, to stop under a node."""
+    with redis_server.own_redis() as server:
         yield server
-    finally:
-        server.close()
 
 
 def test_an_unreachable_engine_ends_the_stream_with_the_same_refusal(

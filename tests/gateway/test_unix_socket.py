@@ -14,14 +14,13 @@ import pytest
 import redis
 
 from tests.support.gateway import GatewayProcess
+from tests.support.redis_server import server_binary
 
 
 @pytest.fixture
 def unix_redis() -> Iterator[str]:
     """A redis-server listening on a unix socket only (short path: sockets allow ~100 bytes)."""
-    server = shutil.which("redis-server")
-    if server is None:
-        pytest.skip("redis-server is missing")
+    server = server_binary()
     directory = Path(tempfile.mkdtemp(prefix="sse-redis-", dir="/tmp"))
     sock = directory / "redis.sock"
     process = subprocess.Popen(

@@ -5,7 +5,6 @@ returns the first id and stores nothing twice; transient Redis errors are retrie
 from __future__ import annotations
 
 import asyncio
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from publisher import AsyncPublisher, Publisher
 from publisher._redis import sentinel_target
 from publisher._schema import Keys, idempotency_digest
 from tests.conftest import Node
+from tests.support import redis_server
 from tests.support.redis_server import RedisServer
 from tests.support.sse import collect, open_stream
 from tests.support.tokens import assert_error
@@ -252,13 +252,8 @@ def test_post_publish_refuses_a_bad_key(node: Node, key: object) -> None:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A redis-server of this test's own, to stop and start again on the same port."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server on PATH to stop and restart it")
-    server = RedisServer(binary)
-    server.start()
-    yield server
-    server.close()
+    with redis_server.own_redis() as server:
+        yield server
 
 
 def test_a_publish_during_a_short_outage_is_retried_until_it_succeeds(

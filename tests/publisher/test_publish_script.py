@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -19,6 +18,7 @@ import redis.exceptions
 
 from publisher import NotReplicated, Publisher
 from publisher._schema import id_key
+from tests.support import redis_server
 from tests.support.redis_server import RedisServer
 
 U64 = (1 << 64) - 1
@@ -138,13 +138,8 @@ def test_a_refused_publish_names_no_script_internals(
 @pytest.fixture
 def own_redis(prefix: str) -> Iterator[RedisServer]:
     """A Redis of this test's own, to fill up or to run without replicas."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server on PATH")
-    server = RedisServer(binary, "--maxmemory-policy", "noeviction")
-    server.start()
-    yield server
-    server.close()
+    with redis_server.own_redis("--maxmemory-policy", "noeviction") as server:
+        yield server
 
 
 def test_out_of_memory_is_not_retried(own_redis: RedisServer, prefix: str) -> None:

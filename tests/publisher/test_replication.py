@@ -5,7 +5,6 @@ who saw it live see it once."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -21,26 +20,19 @@ from publisher._message import make_message
 from publisher._redis import RedisTransport, is_transient
 from publisher._schema import Keys
 from tests.support.gateway import GatewayProcess
-from tests.support.redis_server import RedisServer
-
-
-def _binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("needs redis-server on PATH to run a primary and a replica")
-    return binary
+from tests.support.redis_server import RedisServer, server_binary
 
 
 @pytest.fixture
 def primary() -> Iterator[RedisServer]:
-    server = RedisServer(_binary())
+    server = RedisServer(server_binary())
     server.start()
     yield server
     server.close()
 
 
 def _replica_of(primary: RedisServer) -> RedisServer:
-    replica = RedisServer(_binary(), "--replicaof", "127.0.0.1", str(primary.port))
+    replica = RedisServer(server_binary(), "--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
     client = redis.Redis(port=replica.port)
     deadline = time.monotonic() + 10
@@ -86,7 +78,7 @@ def test_without_the_replicas_asked_for_the_publish_fails_after_its_retries(
 def test_a_publish_waits_out_a_primary_that_refuses_writes_until_a_replica_attaches(
     prefix: str,
 ) -> None:
-    primary = RedisServer(_binary(), "--min-replicas-to-write", "1")
+    primary = RedisServer(server_binary(), "--min-replicas-to-write", "1")
     primary.start()
     replica: list[RedisServer] = []
     try:
