@@ -60,7 +60,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
-from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
+from tests.support.sse import SSEStream, collect, open_stream
 from tests.support.topology import ROOT, ComposeNode, Topology, wait_until
 
 pytestmark = pytest.mark.slow
@@ -208,7 +208,7 @@ def test_first_event_arrives_through_nginx_unbuffered(stack: Stack) -> None:
                 try:
                     await stream.wait_for(lambda s: s.status is not None)
                     assert stream.status == 200
-                    await until_subscribed(stream, pub.publish, "first")
+                    await stream.until_subscribed()
                     delays = []
                     for i in range(5):
                         count = len(stream.events)
@@ -238,9 +238,9 @@ def test_last_event_id_resumes_on_every_node(stack: Stack) -> None:
             async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
                 stream, task = open_stream(client, stack.nginx_url, [topic])
                 try:
-                    await until_subscribed(stream, pub.publish, topic)
+                    await stream.until_subscribed()
                     seen = [pub.publish(topic, f"seen-{i}") for i in range(3)]
-                    await stream.wait_for(lambda s: s.events[-1].id == seen[-1])
+                    await stream.wait_for(lambda s: bool(s.events) and s.events[-1].id == seen[-1])
                 finally:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

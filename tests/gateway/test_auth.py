@@ -28,7 +28,7 @@ from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
-from tests.support.sse import SSEStream, until_subscribed
+from tests.support.sse import SSEStream
 from tests.support.tokens import (
     OTHER_SECRET,
     SECRET,
@@ -148,7 +148,7 @@ def test_a_granted_stream_receives_the_topics_events(hs_gateway: GatewayProcess)
             async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
                 task = asyncio.create_task(stream.read(client))
                 try:
-                    await until_subscribed(stream, pub.publish, ["user:alice"])
+                    await stream.until_subscribed()
                     await asyncio.to_thread(pub.publish, "user:alice", "hello alice")
                     await stream.wait_for(lambda s: "hello alice" in s.data())
                 finally:

@@ -35,7 +35,7 @@ from jwt.utils import base64url_encode
 
 from publisher import Publisher
 from tests.support.gateway import GatewayProcess
-from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
+from tests.support.sse import SSEStream, collect, open_stream, subscribed
 
 SECRET = "hostile-input-secret-" + "0123456789abcdef" * 4
 ORIGIN = "https://app.example"
@@ -605,10 +605,9 @@ class Canary:
     async def _read(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._main = asyncio.current_task()
-        with Publisher.from_url(self.url, token=CANARY_WRITER) as probe:
-            await self._follow(probe)
+        await self._follow()
 
-    async def _follow(self, probe: Publisher) -> None:
+    async def _follow(self) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
             public, public_task = open_stream(client, self.url, ["canary"])
             private, private_task = open_stream(
@@ -616,8 +615,7 @@ class Canary:
             )
             self.streams = [public, private]
             try:
-                await until_subscribed(public, probe.publish, "canary")
-                await until_subscribed(private, probe.publish, "private:canary")
+                await subscribed(public, private)
                 self._ready.set()
                 for stream in self.streams:
                     await stream.wait_for(
@@ -824,7 +822,7 @@ async def watch(hostile: Hostile, topic: str, action: Callable[[], None]) -> SSE
         stream, task = open_stream(client, hostile.url, [topic], query=f"&token={INJECTOR}")
         with hostile.direct_publisher() as pub:
             try:
-                await until_subscribed(stream, pub.publish, topic)
+                await stream.until_subscribed()
                 await asyncio.to_thread(action)
                 await asyncio.to_thread(pub.publish, topic, "end", "end")
                 await stream.wait_for(

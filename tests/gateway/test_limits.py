@@ -31,7 +31,7 @@ import pytest
 from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
-from tests.support.sse import SSEStream, until_subscribed
+from tests.support.sse import SSEStream
 
 SECRET = "acceptance-8-limits-secret-0123456789abcdef"
 STREAM_TIMEOUT = httpx.Timeout(10, read=None)
@@ -140,10 +140,12 @@ async def accepted_again(
 async def still_delivering(
     streams: Sequence[SSEStream], publish: Callable[..., str], topic: str, label: str
 ) -> None:
-    """Every open stream still receives what is published (an event name per stream, as
-    ``until_subscribed`` waits for the first event of its name)."""
+    """Every open stream still receives what is published: once it is subscribed (``: ok``),
+    one event of its own name, published once, reaches it."""
     for n, stream in enumerate(streams):
-        await until_subscribed(stream, publish, [topic], event=f"{label}-{n}")
+        await stream.until_subscribed()
+        await asyncio.to_thread(publish, [topic], f"{label}-{n}", f"{label}-{n}")
+        await stream.wait_for(lambda s, name=f"{label}-{n}": any(e.event == name for e in s.events))
 
 
 # -- connection limits --------------------------------------------------------------------------
@@ -461,7 +463,7 @@ def test_a_canary_misses_nothing_while_the_node_is_hammered(
             async with httpx.AsyncClient(timeout=STREAM_TIMEOUT) as http:
                 canary, task = await open_held(http, url, [FEED], canary_token)
                 try:
-                    await until_subscribed(canary, pub.publish, [FEED])
+                    await canary.until_subscribed()
                     publisher = threading.Thread(target=publish_numbered)
                     publisher.start()
                     try:

@@ -24,7 +24,7 @@ from tests.conftest import GatewayFactory
 from tests.gateway.metrics_support import Samples, await_for, family, sample_key, scrape
 from tests.support.gateway import GatewayProcess
 from tests.support.refusals import EVENT_STREAM, refusal_of
-from tests.support.sse import SSEStream, open_stream, until_subscribed
+from tests.support.sse import SSEStream, first_event, open_stream
 from tests.support.tokens import SECRET, hs256
 
 TIMEOUT = httpx.Timeout(10, read=None)
@@ -179,15 +179,11 @@ def test_a_scripted_session_shows_exact_counters(
     head = k("sse_redis_command_seconds_count", command="head")
 
     async def session() -> None:
-        # 1. connect and receive live events (until_subscribed's probes are live events too).
+        # 1. connect and receive live events.
         async with httpx.AsyncClient(timeout=TIMEOUT) as client:
             a, reading = open_stream(client, node.url, ["news"], query=token)
             try:
-
-                def probe(topics: str, data: str, event: str) -> None:
-                    asyncio.run(ledger.publish_one(topics, data, event))
-
-                await until_subscribed(a, probe, "news")
+                await a.until_subscribed()
                 samples = await await_for(node.url, lambda s: s.get("sse_hub_topics") == 1)
                 assert samples["sse_connections"] == 1
                 m0 = await ledger.publish_one("news", "m0")
@@ -318,7 +314,8 @@ def test_a_lost_link_counts_one_reconnect_and_exactly_its_backfill(
             async with httpx.AsyncClient(timeout=TIMEOUT) as client:
                 stream, reading = open_stream(client, node.url, ["t"])
                 try:
-                    await until_subscribed(stream, pub.publish, "t")
+                    # live, and the publisher connected, before Redis refuses new clients
+                    await first_event(stream, lambda: pub.publish("t", "before"))
                     before = await await_for(node.url, lambda s: s["sse_engine_link_up"] == 1)
                     assert before["sse_engine_reconnects_total"] == 0
                     redis_client.config_set("maxclients", 1)

@@ -19,7 +19,7 @@ from publisher import Publisher
 from tests.chaos.harness import BlackholeProxy
 from tests.conftest import GatewayFactory
 from tests.support import redis_server
-from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
+from tests.support.sse import SSEStream, collect, first_event, open_stream
 
 BLACKHOLE_SECONDS = 11.0
 RECOVERY_LIMIT = 30.0
@@ -91,7 +91,8 @@ def test_a_node_recovers_by_itself_after_the_network_to_redis_went_black(
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
             stream, task = open_stream(http, gateway.url, ["x"])
             try:
-                await until_subscribed(stream, pub.publish, "x")
+                # live (past its replay) before the network goes black
+                await first_event(stream, lambda: pub.publish("x", "before"))
                 first = len(stream.events)
                 blackhole.blackhole()
                 end = time.monotonic() + BLACKHOLE_SECONDS
@@ -151,8 +152,9 @@ def test_a_wrong_type_key_fails_only_its_own_topic_through_a_pubsub_reconnect(
             good, good_task = open_stream(http, gateway.url, ["good"])
             bad, bad_task = open_stream(http, gateway.url, ["bad"])
             try:
-                await until_subscribed(good, pub.publish, "good")
-                await until_subscribed(bad, pub.publish, "bad")
+                # both live, each with an id to resume from, before the key breaks
+                await first_event(good, lambda: pub.publish("good", "before"))
+                await first_event(bad, lambda: pub.publish("bad", "before"))
                 redis_client.set(f"{prefix}:s:bad", "oops")
                 assert redis_client.client_kill_filter(_type="pubsub") >= 1
                 deadline = time.monotonic() + 15

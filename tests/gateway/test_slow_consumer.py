@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Node, NodeFactory
 from tests.support.gateway import open_sockets, settled_sockets
-from tests.support.sse import SSEStream, open_stream, until_subscribed
+from tests.support.sse import SSEStream, open_stream
 
 TOPIC = "feed:big"
 EVENT_SIZE = 16 * 1024
@@ -96,7 +96,7 @@ class Flow:
 
 
 async def warm_up(node: Node, stream: SSEStream) -> None:
-    await until_subscribed(stream, node.publish, TOPIC, event="warmup")
+    await stream.until_subscribed()
 
 
 async def run_flow(node: Node, metric: str, total: int) -> Flow:

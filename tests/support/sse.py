@@ -1,4 +1,9 @@
-"""A real SSE client for tests: httpx streaming + the WHATWG parser."""
+"""A real SSE client for tests: httpx streaming + the WHATWG parser.
+
+A stream is subscribed to every topic it asked for once its preamble's ``: ok`` comment has
+arrived (the gateway sends the preamble only then): tests wait on ``SSEStream.subscribed``
+before they publish, never on a sleep.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ class SSEStream:
         self.status: int | None = None
         self.response_headers: httpx.Headers | None = None
         self.closed_by_server = False
+        self.subscribed = asyncio.Event()
+        """Set when ``: ok`` arrives: every event published from then on reaches the stream."""
+        self._head = b""
         self._changed = asyncio.Event()
 
     async def read(self, client: httpx.AsyncClient) -> None:
@@ -41,6 +49,10 @@ class SSEStream:
             self.response_headers = response.headers
             self._changed.set()
             async for chunk in response.aiter_raw():
+                if not self.subscribed.is_set():
+                    self._head += chunk
+                    if preamble_ended(self._head):
+                        self.subscribed.set()
                 self.events.extend(self.parser.feed(chunk))
                 self._changed.set()
         self.closed_by_server = True
@@ -54,8 +66,19 @@ class SSEStream:
 
         await asyncio.wait_for(loop(), timeout)
 
+    async def until_subscribed(self, timeout: float = 10) -> None:
+        """Wait for ``: ok``; ``AssertionError`` if the server ends the stream without it
+        (a refusal) or it does not come within ``timeout``."""
+        await self.wait_for(lambda s: s.subscribed.is_set() or s.closed_by_server, timeout)
+        assert self.subscribed.is_set(), f"{self.url} ended without ': ok' (status {self.status})"
+
     def data(self) -> list[str]:
         return [e.data for e in self.events]
+
+
+def preamble_ended(head: bytes) -> bool:
+    """Whether ``head`` (the first bytes of a stream) holds the ``: ok`` comment line."""
+    return any(line.rstrip(b"\r") == b": ok" for line in head.split(b"\n")[:-1])
 
 
 async def collect(
@@ -81,6 +104,21 @@ def open_stream(client: httpx.AsyncClient, base_url: str, topics: Sequence[str],
                 ) -> tuple[SSEStream, asyncio.Task[None]]:  # fmt: skip
     stream = SSEStream(base_url, topics, **options)  # type: ignore[arg-type]
     return stream, asyncio.create_task(stream.read(client))
+
+
+async def subscribed(*streams: SSEStream, timeout: float = 10) -> None:
+    """Wait until every stream has read ``: ok`` (see ``SSEStream.until_subscribed``)."""
+    await asyncio.gather(*(s.until_subscribed(timeout) for s in streams))
+
+
+async def first_event(stream: SSEStream, publish: Callable[[], str], timeout: float = 10) -> str:
+    """Once ``stream`` is subscribed, publish one event (``publish`` returns its id) and wait
+    for it: the stream is then past its replay, and holds an id to resume from. For tests
+    that break something right after a stream opened, which must not hit its replay."""
+    await stream.until_subscribed(timeout)
+    event_id = await asyncio.to_thread(publish)
+    await stream.wait_for(lambda s: any(e.id == event_id for e in s.events), timeout)
+    return event_id
 
 
 async def until_subscribed(
