@@ -82,7 +82,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.rates:
         changes["sat_rates"] = tuple(args.rates)
     if args.clients:
-        for name in ("cpu_clients", "sat_clients", "lat_clients", "idle_clients"):
+        for name in (
+            "cpu_clients", "sat_clients", "lat_clients", "idle_clients", "connect_clients",
+            "storm_clients",
+        ):  # fmt: skip
             changes[name] = args.clients
     return replace(plan, **changes)
 
@@ -141,9 +144,15 @@ def write_json(path: Path | None, info: dict[str, Any], bench: Bench, goals: lis
         "meta": info,
         "fanout": [r.as_dict() for r in bench.fanout],
         "idle": [r.as_dict() for r in bench.idle],
+        "connect": [r.as_dict() for r in bench.connect],
+        "storm": [r.as_dict() for r in bench.storm],
         "summary": [g.as_dict() for g in goals],
     }
     path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+
+
+def goals_of(bench: Bench, workers_note: str | None) -> list[Any]:
+    return summary_goals(bench.fanout, bench.idle, workers_note, bench.connect, bench.storm)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,11 +194,12 @@ def run(args: argparse.Namespace) -> int:
                     continue
             print(f"\n-- {scenario} --", file=sys.stderr, flush=True)
             RUNNERS[scenario](bench, targets)
-            print("\n" + render_scenario(scenario, bench.fanout, bench.idle), flush=True)
-            write_json(
-                args.json, info, bench, summary_goals(bench.fanout, bench.idle, workers_note)
+            rendered = render_scenario(
+                scenario, bench.fanout, bench.idle, bench.connect, bench.storm
             )
-        goals = summary_goals(bench.fanout, bench.idle, workers_note)
+            print("\n" + rendered, flush=True)
+            write_json(args.json, info, bench, goals_of(bench, workers_note))
+        goals = goals_of(bench, workers_note)
         print("\n" + render_summary(goals, args.quick))
         info["elapsed_s"] = round(time.monotonic() - started, 1)
         print(f"elapsed: {info['elapsed_s']:.0f} s")

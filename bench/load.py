@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO_ROOT.parent / "shared" / "tools" / "sseload"
+DEFAULT_SOURCE = Path(__file__).resolve().parent / "sseload"
 SOURCE_FILES = ("Makefile", "sseload.c")
 CLIENT_BOUND_PCT = 90.0
 
@@ -25,19 +25,25 @@ def cache_dir() -> Path:
 
 
 def build_sseload(source: Path = DEFAULT_SOURCE) -> Path:
-    """Copy the sources into the cache and ``make`` there (the shared tree stays read-only);
-    rebuilt only when a source file changed."""
+    """Copy the sources into the cache and ``make`` there (the checkout stays clean, and a
+    read-only one works); rebuilt only when a source file changed."""
     if not (source / "sseload.c").is_file():
         raise SystemExit(f"sseload sources not found in {source} (give --sseload-src)")
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        raise SystemExit("building sseload needs make and gcc")
+    if shutil.which("make") is None or not (shutil.which("cc") or shutil.which("gcc")):
+        raise SystemExit(
+            "building sseload (bench/sseload, C) needs make and a C compiler: "
+            "apt-get install -y gcc make"
+        )
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
     for name in SOURCE_FILES:
         src, dst = source / name, build / name
         if not dst.exists() or dst.read_bytes() != src.read_bytes():
             shutil.copyfile(src, dst)
-    done = subprocess.run(["make", "-s", "-C", str(build)], capture_output=True, text=True)
+    compiler = [] if shutil.which("cc") else ["CC=gcc"]
+    done = subprocess.run(
+        ["make", "-s", "-C", str(build), *compiler], capture_output=True, text=True
+    )
     binary = build / "sseload"
     if done.returncode != 0 or not binary.is_file():
         raise SystemExit(f"building sseload failed:\n{done.stdout}{done.stderr}")
@@ -54,6 +60,10 @@ class LoadSpec:
     threads: int = 1
     connect_timeout: float = 10.0
     ready_file: Path | None = None
+    resume_seq: int = 0
+    """Storm mode (with ``storm_file``): SIGUSR1 drops every stream, SIGUSR2 reconnects them
+    all with their Last-Event-ID; a client has resumed once its ``seq`` reaches this."""
+    storm_file: Path | None = None
 
     def argv(self, binary: Path) -> list[str]:
         args = [str(binary), "--url", self.url, "--clients", str(self.clients)]
@@ -62,6 +72,10 @@ class LoadSpec:
         args += ["--connect-timeout", f"{self.connect_timeout:g}", "--json"]
         if self.ready_file is not None:
             args += ["--ready-file", str(self.ready_file)]
+        if self.resume_seq:
+            args += ["--resume-seq", str(self.resume_seq)]
+        if self.storm_file is not None:
+            args += ["--storm-file", str(self.storm_file)]
         return args
 
 
@@ -128,6 +142,12 @@ class LoadResult:
         return {str(k): int(v) for k, v in counts.items() if v}
 
     @property
+    def storm(self) -> dict[str, Any]:
+        """Storm mode's summary (see bench/sseload/README.md), empty otherwise."""
+        storm = self.raw.get("storm", {})
+        return storm if isinstance(storm, dict) else {}
+
+    @property
     def http_status(self) -> dict[str, int]:
         return self._counts("http_status")
 
@@ -160,6 +180,26 @@ class LoadRun:
                 return True
             time.sleep(0.05)
         return ready is not None and ready.exists()
+
+    def storm_lines(self) -> list[str]:
+        """What storm mode has reported so far (``dropped``, ``settled``)."""
+        path = self.spec.storm_file
+        try:
+            return [] if path is None else path.read_text().split("\n")
+        except FileNotFoundError:
+            return []
+
+    def wait_storm(self, what: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if any(line.split(" ")[0] == what for line in self.storm_lines()):
+                return True
+            time.sleep(0.01)
+        return any(line.split(" ")[0] == what for line in self.storm_lines())
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
 
     def interrupt(self) -> None:
         """Ends the run early; sseload still prints its summary on SIGINT."""

@@ -14,7 +14,10 @@ stamped when an event is sent, so batching does not inflate measured latency."""
 
 
 class Sender(Protocol):
+    """``drain``: whether everything sent so far was accepted within ``timeout`` seconds."""
+
     def send(self, events: list[dict[str, Any]]) -> None: ...
+    def drain(self, timeout: float) -> bool: ...
     def close(self) -> None: ...
 
 

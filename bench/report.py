@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench.records import FanoutResult, IdleResult
+from bench.records import ConnectResult, FanoutResult, IdleResult, StormResult
 from bench.scenarios import saturation
 
 FANOUT_HEADERS = (
@@ -12,6 +12,14 @@ FANOUT_HEADERS = (
     "p99.9 ms", "gaps", "dups", "conn/fail", "srv us/ev", "redis us/ev", "client%", "flags",
 )  # fmt: skip
 IDLE_HEADERS = ("target", "w", "idle conns", "conn/fail", "RSS before", "RSS after", "KB/conn")
+CONNECT_HEADERS = (
+    "target", "w", "clients", "ramp/s", "conn/fail", "all in s", "srv us/conn", "RSS before",
+    "RSS open", "KB/conn", "RSS +10s left", "left/before", "srv us/close", "flags",
+)  # fmt: skip
+STORM_HEADERS = (
+    "target", "w", "clients", "behind", "reconn/fail", "with id", "resumed", "all resumed s",
+    "p50 ms", "p99 ms", "lost", "dups", "srv us/reconn", "flags",
+)  # fmt: skip
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -75,6 +83,52 @@ def idle_row(r: IdleResult) -> list[str]:
     ]  # fmt: skip
 
 
+def connect_row(r: ConnectResult) -> list[str]:
+    per_conn = r.bytes_per_connection
+    marks = ["ERROR"] if r.error else []
+    if r.failed:
+        marks.append(f"failed({','.join(f'{k}={v}' for k, v in r.fail_reasons.items())})")
+    if r.disconnected_early:
+        marks.append(f"dropped={r.disconnected_early}({','.join(r.disconnect_reasons)})")
+    return [
+        r.target, str(r.workers), str(r.clients), f"{r.ramp_per_s:g}",
+        f"{r.connected}/{r.failed}", num(r.connect_s, 2), num(r.cpu_us_per_connection, 0),
+        mib(r.rss_before), mib(r.rss_open), num(None if per_conn is None else per_conn / 1024, 2),
+        mib(r.rss_after_leave), num(r.leave_ratio, 2), num(r.cpu_us_per_close, 0), " ".join(marks),
+    ]  # fmt: skip
+
+
+def storm_row(r: StormResult) -> list[str]:
+    marks = ["ERROR"] if r.error else []
+    if r.lost or r.duplicates:
+        marks.append("LOST/DUPS!")
+    if r.disconnected_early:
+        marks.append(f"dropped={r.disconnected_early}({','.join(r.disconnect_reasons)})")
+    marks.append("pass" if r.passed else "FAIL")
+    behind = f"{r.behind_min}" if r.behind_min == r.behind_max else f"{r.behind_min}-{r.behind_max}"
+    return [
+        r.target, str(r.workers), str(r.clients), behind,
+        f"{r.reconnected}/{r.reconnect_failed}", str(r.with_last_event_id), str(r.resumed),
+        num(r.all_resumed_s, 2), num(r.resume_p50_ms, 0), num(r.resume_p99_ms, 0), str(r.lost),
+        str(r.duplicates), num(r.cpu_us_per_reconnect, 0), " ".join(marks),
+    ]  # fmt: skip
+
+
+def simple_problems(results: Sequence[ConnectResult | StormResult]) -> list[str]:
+    lines: list[str] = []
+    for r in results:
+        who = f"{r.target} w={r.workers} {r.clients} clients"
+        if isinstance(r, StormResult) and (r.lost or r.duplicates):
+            lines.append(
+                f"!!! WARNING {who}: {r.lost} events lost, {r.duplicates} duplicated or "
+                "reordered across the reconnect: resumption is NOT exact !!!"
+            )
+        if r.error:
+            lines.append(f"!!! {who}: {r.error}")
+        lines += [f"    {who}: {note}" for note in r.notes]
+    return lines
+
+
 def mib(value: int) -> str:
     return f"{value / 2**20:,.1f} MiB"
 
@@ -113,9 +167,26 @@ def ratio_text(a: float | None, b: float | None) -> str:
 
 
 def render_scenario(
-    scenario: str, fanout: Sequence[FanoutResult], idle: Sequence[IdleResult]
-) -> str:
+    scenario: str, fanout: Sequence[FanoutResult], idle: Sequence[IdleResult],
+    connect: Sequence[ConnectResult] = (), storm: Sequence[StormResult] = (),
+) -> str:  # fmt: skip
     out: list[str] = [f"== {scenario} =="]
+    if scenario == "connect":
+        out.append(table(CONNECT_HEADERS, [connect_row(r) for r in connect]))
+        gw_run, nchan_run = _first(connect, "gateway"), _first(connect, "nchan")
+        if gw_run and nchan_run:
+            out.append(
+                "gateway/nchan us/conn: "
+                f"{ratio_text(gw_run.cpu_us_per_connection, nchan_run.cpu_us_per_connection)}   "
+                "KB/conn: "
+                f"{ratio_text(gw_run.bytes_per_connection, nchan_run.bytes_per_connection)}"
+            )
+        out += simple_problems(connect)
+        return "\n".join(out)
+    if scenario == "storm":
+        out.append(table(STORM_HEADERS, [storm_row(r) for r in storm]))
+        out += simple_problems(storm)
+        return "\n".join(out)
     if scenario == "idle":
         out.append(table(IDLE_HEADERS, [idle_row(r) for r in idle]))
         out += problems(idle)
@@ -229,9 +300,57 @@ def _sat_goal(
     return Goal(name, value, goal, value >= at_least, detail)
 
 
+def _first(results: Sequence[ConnectResult], target: str) -> ConnectResult | None:
+    return next((r for r in results if r.target == target and r.workers == 1), None)
+
+
+def connect_goals(connect: Sequence[ConnectResult], storm: Sequence[StormResult]) -> list[Goal]:
+    """Issue 14's acceptance: connection cost and memory against nchan, memory given back,
+    and the reconnect storm."""
+    gw, nchan = _first(connect, "gateway"), _first(connect, "nchan")
+    gw_cpu = gw.cpu_us_per_connection if gw else None
+    nchan_cpu = nchan.cpu_us_per_connection if nchan else None
+    cpu = ratio(gw_cpu, nchan_cpu)
+    cpu_detail = f"  gateway {num(gw_cpu, 0)} us, nchan {num(nchan_cpu, 0)} us"
+    gw_kb, nchan_kb = (
+        r.bytes_per_connection / 1024 if r and r.bytes_per_connection is not None else None
+        for r in (gw, nchan)
+    )
+    mem = ratio(gw_kb, nchan_kb)
+    mem_detail = f"  gateway {num(gw_kb, 2)} KB, nchan {num(nchan_kb, 2)} KB"
+    if gw:
+        cpu_detail += f" at {gw.connected} clients, {gw.ramp_per_s:g}/s"
+        mem_detail += f" at {gw.open_connections} open"
+    left = gw.leave_ratio if gw else None
+    left_detail = (
+        f"  {mib(gw.rss_before)} before, {mib(gw.rss_after_leave)} "
+        f"{gw.after_leave_s:.0f} s after {gw.open_connections} left"
+        if gw
+        else ""
+    )
+    st = next((r for r in storm if r.target == "gateway" and r.workers == 1), None)
+    storm_goal = Goal("9. storm: gateway all resumed, 0 lost/dup", None, "pass", None)
+    if st is not None:
+        storm_goal = Goal(
+            storm_goal.name, st.all_resumed_s, "pass", st.passed,
+            f"  s to all resumed; {st.resumed}/{st.clients} resumed, {st.lost} lost, "
+            f"{st.duplicates} duplicated, {st.behind_min}-{st.behind_max} behind",
+        )  # fmt: skip
+    return [
+        _goal("6. connect: gateway/nchan CPU per conn", cpu, "<= 2.5", (cpu or 0) <= 2.5,
+              cpu_detail),
+        _goal("7. connect: gateway/nchan KB per idle conn", mem, "<= 1.1", (mem or 0) <= 1.1,
+              mem_detail),
+        _goal("8. connect: gateway RSS after leave/before", left, "<= 1.25",
+              (left or 0) <= 1.25, left_detail),
+        storm_goal,
+    ]  # fmt: skip
+
+
 def summary_goals(
-    fanout: Sequence[FanoutResult], idle: Sequence[IdleResult], workers_note: str | None
-) -> list[Goal]:
+    fanout: Sequence[FanoutResult], idle: Sequence[IdleResult], workers_note: str | None,
+    connect: Sequence[ConnectResult] = (), storm: Sequence[StormResult] = (),
+) -> list[Goal]:  # fmt: skip
     cpu = by_target(fanout, "cpu")
     cpu_gw, cpu_nchan = (
         cpu[t].server_us_per_event if t in cpu else None for t in ("gateway", "nchan")
@@ -292,6 +411,7 @@ def summary_goals(
             idle_detail,
         ),
         workers,
+        *connect_goals(connect, storm),
     ]
 
 

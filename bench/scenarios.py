@@ -1,6 +1,8 @@
 """One measured run (a target, a load) and the scenarios built from runs."""
 
+import contextlib
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -9,13 +11,23 @@ from pathlib import Path
 
 from bench.load import LoadResult, LoadRun, LoadSpec
 from bench.procstat import cpu_seconds, loadavg, sample_tree
-from bench.publish import PacedPublisher, Sender
-from bench.records import FanoutResult, IdleResult
+from bench.publish import PacedPublisher, Sender, make_event
+from bench.records import ConnectResult, FanoutResult, IdleResult, StormResult
 from bench.targets import RedisServer, Server, Target
 
-SCENARIOS = ("cpu", "saturation", "latency", "idle", "workers")
+SCENARIOS = ("cpu", "saturation", "latency", "idle", "workers", "connect", "storm")
 RAMP_SETTLE_S = 3.0
 IDLE_SETTLE_S = 3.0
+SERVER_SETTLE_S = 1.0
+CONNECT_TAIL_S = 1.0
+"""The connect CPU window ends this long after the last client connected (work a server does
+just after answering, such as a first read from Redis, still belongs to the connection)."""
+LEAVE_WAIT_S = 10.0
+STORM_WARM_EVENTS = 3
+"""Events every client receives before the drop, so that each has an id to resume from."""
+STORM_SETTLE_S = 2.0
+"""After the warm-up events (for them to reach every client) and after the drop (for the server
+to see every stream close, as a node's clients arrive at another node that never saw them)."""
 LOG_TROUBLE = re.compile(
     r"Traceback|\b(WARNING|ERROR|CRITICAL)\b|\[(warn|error|crit|alert|emerg)\]"
 )
@@ -42,13 +54,16 @@ class Plan:
     sseload_threads: int = 1
     ramp: float = 2000
     workers: tuple[int, ...] = (1, 2)
+    connect_clients: int = 10_000
+    storm_clients: int = 10_000
+    storm_behind: int = 100
 
 
 QUICK = Plan(
     cpu_clients=200, cpu_rate=50, cpu_duration=8, cpu_warmup=3,
     sat_clients=200, sat_rates=(50, 200, 800, 1600), sat_duration=7, sat_warmup=3,
     lat_clients=500, lat_rate=20, lat_duration=8, lat_warmup=3,
-    idle_clients=1000,
+    idle_clients=1000, connect_clients=1000, storm_clients=500,
 )  # fmt: skip
 
 
@@ -94,6 +109,8 @@ class Bench:
         self.sseload = sseload
         self.fanout: list[FanoutResult] = []
         self.idle: list[IdleResult] = []
+        self.connect: list[ConnectResult] = []
+        self.storm: list[StormResult] = []
 
     def _load(self, server: Server, clients: int, duration: float, warmup: float) -> LoadSpec:
         return LoadSpec(
@@ -228,6 +245,152 @@ class Bench:
         self.idle.append(result)
         return result
 
+    def run_connect(self, target: Target, clients: int, workers: int = 1) -> ConnectResult:
+        """``clients`` streams opened at the ramp, held idle, then all closed: server CPU over
+        the ramp, RSS before, with them open, and ``LEAVE_WAIT_S`` after they left."""
+        ramp = self.plan.ramp
+        connect_s = clients / ramp if ramp else 1.0
+        result = ConnectResult(target.name, workers, clients, ramp, loadavg_1m=loadavg())
+        progress(f"  connect: {target.name} w={workers} {clients} clients at {ramp:g}/s ...")
+        self.redis.flush()
+        server: Server | None = None
+        load: LoadRun | None = None
+        try:
+            server = target.start(workers)
+            time.sleep(SERVER_SETTLE_S)
+            before = sample_tree(server.process.pid)
+            result.rss_before = before.rss
+            ready = server.process.log.with_suffix(".ready")
+            spec = replace(
+                self._load(server, clients, connect_s + 180, 0.0), ready_file=ready,
+                connect_timeout=30.0,
+            )  # fmt: skip
+            load = LoadRun(self.sseload, spec)
+            if not load.wait_ready(timeout=connect_s + 60):
+                result.notes.append("sseload never reported every client settled")
+            with contextlib.suppress(OSError, ValueError):
+                result.connect_s = float(ready.read_text().split()[0])
+            time.sleep(CONNECT_TAIL_S)
+            connected = sample_tree(server.process.pid)
+            result.connect_cpu_s = connected.cpu_s - before.cpu_s
+            time.sleep(max(0.0, IDLE_SETTLE_S - CONNECT_TAIL_S))
+            idle = sample_tree(server.process.pid)
+            result.rss_open, result.server_processes = idle.rss, len(idle.pids)
+            load.interrupt()
+            left_at = time.monotonic()
+            stats = load.result(timeout=60)
+            result.connected, result.failed = stats.connected, stats.failed
+            result.fail_reasons = stats.fail_reasons
+            result.disconnected_early = stats.disconnected_early
+            result.disconnect_reasons = stats.disconnect_reasons
+            result.http_status = stats.http_status
+            sleep_until(left_at + LEAVE_WAIT_S)
+            after = sample_tree(server.process.pid)
+            result.after_leave_s = time.monotonic() - left_at
+            result.rss_after_leave = after.rss
+            result.close_cpu_s = after.cpu_s - idle.cpu_s
+            if not server.process.alive():
+                result.error = f"server exited {server.process.proc.returncode}"
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if load is not None:
+                load.kill()
+            if server is not None:
+                server.stop()
+                result.notes.extend(log_trouble(server))
+        self.connect.append(result)
+        return result
+
+    def run_storm(self, target: Target, clients: int, workers: int = 1) -> StormResult:
+        """Every client streams, then drops at once; ``storm_behind`` events are published;
+        then every client reconnects at once with its Last-Event-ID. sseload checks that each
+        client's ``seq`` continues without a hole or a repeat up to the last event."""
+        plan = self.plan
+        warm, behind = STORM_WARM_EVENTS, plan.storm_behind
+        ramp = plan.ramp
+        connect_s = clients / ramp if ramp else 1.0
+        result = StormResult(target.name, workers, clients, behind, loadavg_1m=loadavg())
+        progress(
+            f"  storm: {target.name} w={workers} {clients} clients reconnecting {behind} behind ..."
+        )
+        self.redis.flush()
+        server: Server | None = None
+        sender: Sender | None = None
+        load: LoadRun | None = None
+        try:
+            server = target.start(workers)
+            sender = target.sender(server)
+            log = server.process.log
+            spec = replace(
+                self._load(server, clients, connect_s + 600, 0.0),
+                ready_file=log.with_suffix(".ready"), storm_file=log.with_suffix(".storm"),
+                connect_timeout=30.0, resume_seq=warm + behind,
+            )  # fmt: skip
+            load = LoadRun(self.sseload, spec)
+            if not load.wait_ready(timeout=connect_s + 60):
+                raise RuntimeError("sseload never reported every client settled")
+            time.sleep(STORM_SETTLE_S)
+            publish(sender, range(1, warm + 1), plan.payload)
+            time.sleep(STORM_SETTLE_S)
+            load.signal(signal.SIGUSR1)
+            if not load.wait_storm("dropped", timeout=30):
+                raise RuntimeError("sseload never reported the streams dropped")
+            publish(sender, range(warm + 1, warm + behind + 1), plan.payload)
+            time.sleep(STORM_SETTLE_S)
+            before = sample_tree(server.process.pid)
+            load.signal(signal.SIGUSR2)
+            if not load.wait_storm("settled", timeout=max(60.0, clients / 100)):
+                result.notes.append("not every client resumed, failed or ended in time")
+            after = sample_tree(server.process.pid)
+            result.storm_cpu_s = after.cpu_s - before.cpu_s
+            load.interrupt()
+            self._fill_storm(result, load.result(timeout=60))
+            if not server.process.alive():
+                result.error = f"server exited {server.process.proc.returncode}"
+        except Exception as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if sender is not None:
+                sender.close()
+            if load is not None:
+                load.kill()
+            if server is not None:
+                server.stop()
+                result.notes.extend(log_trouble(server))
+        self.storm.append(result)
+        return result
+
+    @staticmethod
+    def _fill_storm(result: StormResult, stats: LoadResult) -> None:
+        storm = stats.storm
+        if not storm:
+            raise RuntimeError("sseload printed no storm summary (an old build?)")
+
+        def count(key: str) -> int:
+            return int(storm.get(key) or 0)
+
+        result.connected, result.failed = stats.connected, stats.failed
+        result.dropped = count("dropped")
+        behind = storm.get("behind_at_drop") or {}
+        result.behind_min, result.behind_max = int(behind["min"]), int(behind["max"])
+        result.reconnected = count("reconnected")
+        result.with_last_event_id = count("with_last_event_id")
+        result.reconnect_failed = count("failed")
+        result.resumed = count("resumed")
+        all_resumed = float(storm.get("all_resumed_s", -1))
+        result.all_resumed_s = all_resumed if all_resumed >= 0 else None
+        resume = storm.get("resume_ms") or {}
+        result.resume_p50_ms, result.resume_p99_ms = float(resume["p50"]), float(resume["p99"])
+        result.lost, result.duplicates = count("lost"), count("duplicates")
+        result.disconnected_early = stats.disconnected_early
+        result.disconnect_reasons = stats.disconnect_reasons
+        result.http_status = stats.http_status
+        cpu = stats.raw.get("sseload_cpu") or {}
+        result.client_cpu_s = float(cpu.get("total_s") or 0)
+        if count("long_ids"):
+            result.notes.append(f"{count('long_ids')} ids longer than sseload keeps")
+
     def ladder(self, target: Target, workers: int = 1, scenario: str = "saturation") -> None:
         """Steps the rate up until a step fails (see ``FanoutResult.passed``). When the first
         step already fails, steps down instead (first/2, first/5) until one passes, so a slow
@@ -249,6 +412,13 @@ class Bench:
         for rate in higher:
             if not step(rate):
                 return
+
+
+def publish(sender: Sender, seqs: range, payload: int) -> None:
+    """Events ``seqs`` in one batch, accepted by the server or Redis when this returns."""
+    sender.send([make_event(seq, payload) for seq in seqs])
+    if not sender.drain(timeout=30):
+        raise RuntimeError("the server did not accept every event in time")
 
 
 def saturation(results: Sequence[FanoutResult]) -> float | None:
@@ -294,10 +464,25 @@ def scenario_workers(bench: Bench, targets: list[Target]) -> None:
             bench.ladder(target, workers, scenario="workers")
 
 
+def scenario_connect(bench: Bench, targets: list[Target]) -> None:
+    for target in targets:
+        bench.run_connect(target, bench.plan.connect_clients)
+
+
+def scenario_storm(bench: Bench, targets: list[Target]) -> None:
+    for target in targets:
+        if not target.resumes:
+            progress(f"  storm: {target.name} skipped (no history to resume from)")
+            continue
+        bench.run_storm(target, bench.plan.storm_clients)
+
+
 RUNNERS: dict[str, ScenarioFn] = {
     "cpu": scenario_cpu,
     "saturation": scenario_saturation,
     "latency": scenario_latency,
     "idle": scenario_idle,
     "workers": scenario_workers,
+    "connect": scenario_connect,
+    "storm": scenario_storm,
 }

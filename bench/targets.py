@@ -173,6 +173,8 @@ class Server:
 class Target(ABC):
     name: str
     uses_redis = True
+    resumes = True
+    """Whether a client can resume with Last-Event-ID (the ``storm`` scenario)."""
 
     def __init__(self, redis_url: str, logs: Path) -> None:
         self.redis_url = redis_url
@@ -202,6 +204,9 @@ class GatewaySender:
 
     def send(self, events: list[dict[str, Any]]) -> None:
         self.publisher.publish_many([(TOPIC, event) for event in events])
+
+    def drain(self, timeout: float) -> bool:
+        return True  # publish_many returns once Redis has the events
 
     def close(self) -> None:
         self.publisher.close()
@@ -263,12 +268,16 @@ class RedisPublishSender:
             pipe.publish(TOPIC, orjson.dumps(event))
         pipe.execute()
 
+    def drain(self, timeout: float) -> bool:
+        return True  # execute() returns once Redis has published them
+
     def close(self) -> None:
         self.client.close()
 
 
 class NaiveTarget(Target):
     name = "naive"
+    resumes = False  # plain pub/sub: nothing is kept to resume from
 
     def start(self, workers: int = 1) -> Server:
         port = free_port()
@@ -318,6 +327,7 @@ class NchanSender:
         self.reader: threading.Thread | None = None
         self.error: str | None = None
         self.answered = 0
+        self.sent = 0
 
     def _connect(self) -> socket.socket:
         if self.sock is None:
@@ -356,6 +366,16 @@ class NchanSender:
         except OSError:
             self.close()
             raise
+        self.sent += len(requests)
+
+    def drain(self, timeout: float) -> bool:
+        """Waits for nchan's answer to every POST sent (they are read by another thread)."""
+        deadline = time.monotonic() + timeout
+        while self.answered < self.sent and self.error is None:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return self.error is None
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
