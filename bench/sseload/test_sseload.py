@@ -154,6 +154,9 @@ def storm_case(first, resume):
     def case(send, request):
         last = last_event_id(request)
         STORM_SEEN.append(last)
+        if last is not None and resume is None:
+            send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            return "close"
         send(CHUNKED_HEAD)
         send(chunk(first() if last is None else resume(last)))
         if last is None:
@@ -196,8 +199,9 @@ CASES = {
     "/storm": case_storm,
     "/storm_id_only": case_storm_id_only,
     "/storm_bad": case_storm_bad,
+    "/storm_refused": storm_case(lambda: events(range(1, 6)), None),
 }
-STORM_CASES = {"/storm", "/storm_id_only", "/storm_bad"}
+STORM_CASES = {"/storm", "/storm_id_only", "/storm_bad", "/storm_refused"}
 
 
 def handle(conn):
@@ -450,6 +454,20 @@ def main():
         and st["gaps"] == 3
         and st["shortfall"] == 0
         and st["duplicates"] == 3,
+        r,
+    )
+
+    r = run_storm(port, "/storm_refused")
+    st = r["storm"]
+    check(
+        "storm (refused): settles with 3 failed, none resumed, 5 lost each",
+        st["failed"] == 3
+        and st["resumed"] == 0
+        and st["not_resumed"] == 3
+        and st["lost"] == 15
+        and st["all_resumed_s"] == -1
+        and st["settled_s"] >= 0
+        and r["http_status"].get("503") == 3,
         r,
     )
 
