@@ -8,8 +8,7 @@ node that cannot serve them, and takes it back once Redis returns.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -19,7 +18,8 @@ from tests.conftest import GatewayFactory, Node
 from tests.support import redis_server
 from tests.support.gateway import GatewayProcess
 from tests.support.redis_server import RedisServer
-from tests.support.sse import SSEStream, open_stream
+from tests.support.sse import SSEStream, first_event, open_stream
+from tests.support.waiting import elapsed_until, let_time_pass_async, wait_until_async
 
 TOPIC = "jobs:1"
 
@@ -49,16 +49,17 @@ def test_metrics_is_prometheus_text_that_counts_open_streams(node: Node) -> None
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
             streams = [open_stream(client, node.url, [TOPIC]) for _ in range(2)]
             for stream, _ in streams:
-                await stream.wait_for(lambda s: "ok" in s.parser.comments)
+                await stream.until_subscribed()
             while_open = await asyncio.to_thread(node.gateway.metric, "sse_connections ")
             for _, task in streams:
                 task.cancel()
             await asyncio.gather(*(t for _, t in streams), return_exceptions=True)
-        deadline = time.monotonic() + 5
-        while (after := await asyncio.to_thread(node.gateway.metric, "sse_connections ")) != 0:
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+
+        async def no_streams() -> bool:
+            return await asyncio.to_thread(node.gateway.metric, "sse_connections ") == 0
+
+        await wait_until_async(no_streams, "sse_connections back to 0", 5)
+        after = await asyncio.to_thread(node.gateway.metric, "sse_connections ")
         return while_open, after
 
     while_open, after = asyncio.run(scenario())
@@ -94,26 +95,14 @@ def _status(url: str) -> int | None:
         return None
 
 
-def _wait_until(condition: Callable[[], bool], what: str, timeout: float) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, f"{what} (after {timeout} s)"
-        time.sleep(0.1)
-    return time.monotonic() - start
-
-
 async def _subscribed_stream(
     client: httpx.AsyncClient, url: str, redis_url: str, prefix: str
 ) -> tuple[SSEStream, asyncio.Task[None]]:
-    """Open a stream on TOPIC and return once a probe published to Redis has reached it."""
+    """Open a stream on TOPIC and return once it is live: subscribed and past its replay, with
+    an event published to Redis received."""
     stream, task = open_stream(client, url, [TOPIC])
     with Publisher.from_url(redis_url, prefix=prefix) as pub:
-        deadline = time.monotonic() + 10
-        while not any(e.event == "probe" for e in stream.events):
-            assert not stream.closed_by_server, "the gateway ended the stream"
-            assert time.monotonic() < deadline, "the stream never got a probe event"
-            await asyncio.to_thread(pub.publish, TOPIC, "probe", "probe")
-            await asyncio.sleep(0.1)
+        await first_event(stream, lambda: pub.publish(TOPIC, "probe", "probe"))
     return stream, task
 
 
@@ -136,34 +125,31 @@ def test_readiness_follows_redis_and_streams_work_again_after_it_returns(
         try:
             await asyncio.to_thread(own_redis.stop)
             took = await asyncio.to_thread(
-                _wait_until, lambda: _status(ready) == 503, "/readyz did not turn 503", 5
+                elapsed_until, lambda: _status(ready) == 503, "/readyz to turn 503", 5
             )
             assert took < 5
             assert await asyncio.to_thread(_status, healthy) == 200
             # Still not ready a little later, and still alive.
-            await asyncio.sleep(0.5)
+            await let_time_pass_async(0.5, "Redis stays away a while")
             assert await asyncio.to_thread(_status, ready) == 503
             assert await asyncio.to_thread(_status, healthy) == 200
 
             await asyncio.to_thread(own_redis.start)
             await asyncio.to_thread(
-                _wait_until, lambda: _status(ready) == 200, "/readyz did not return to 200", 15
+                elapsed_until, lambda: _status(ready) == 200, "/readyz to return to 200", 15
             )
             assert await asyncio.to_thread(_status, healthy) == 200
 
             # A browser (re)connecting to the same topic gets events end to end again.
             fresh, fresh_task = open_stream(client, gateway.url, [TOPIC])
             try:
-                await fresh.wait_for(lambda s: "ok" in s.parser.comments)
+                await fresh.until_subscribed()
                 with Publisher.from_url(own_redis.url, prefix=prefix) as pub:
-                    ids = []
-                    deadline = time.monotonic() + 10
-                    while not any(e.data == "after" for e in fresh.events):
-                        assert not fresh.closed_by_server, "the new stream was ended"
-                        if time.monotonic() > deadline:
-                            pytest.fail("a stream opened after Redis returned got no live events")
-                        ids.append(await asyncio.to_thread(pub.publish, TOPIC, "after"))
-                        await asyncio.sleep(0.2)
+                    ids = [await asyncio.to_thread(pub.publish, TOPIC, "after")]
+                    await fresh.wait_for(
+                        lambda s: s.closed_by_server or any(e.data == "after" for e in s.events)
+                    )
+                    assert not fresh.closed_by_server, "the new stream was ended"
                 assert fresh.events[0].id in ids
                 return fresh.data()
             finally:
@@ -196,17 +182,21 @@ def test_a_stream_open_when_redis_goes_away_is_not_left_silently_dead(
                     pass
                 await asyncio.to_thread(own_redis.start)
                 with Publisher.from_url(own_redis.url, prefix=prefix) as pub:
-                    deadline = time.monotonic() + 15
-                    while not stream.closed_by_server and not any(
-                        e.data == "back" for e in stream.events
-                    ):
-                        if time.monotonic() > deadline:
-                            pytest.fail(
-                                "the stream stayed open after Redis went away and never "
-                                "delivered an event again"
-                            )
+                    # No signal says when the node has subscribed again: publish until an
+                    # event arrives (or the stream is ended).
+                    async def delivered_again() -> bool:
+                        if stream.closed_by_server or any(e.data == "back" for e in stream.events):
+                            return True
                         await asyncio.to_thread(pub.publish, TOPIC, "back")
-                        await asyncio.sleep(0.2)
+                        return False
+
+                    try:
+                        await wait_until_async(delivered_again, "an event after Redis returned", 15)
+                    except AssertionError:
+                        pytest.fail(
+                            "the stream stayed open after Redis went away and never "
+                            "delivered an event again"
+                        )
             finally:
                 await _stop(task)
 
@@ -220,7 +210,7 @@ def test_a_stream_requested_while_redis_is_down_ends_promptly(
     instead of hanging as a stream that will never deliver anything."""
     gateway = outage_gateway
     own_redis.stop()
-    _wait_until(lambda: _status(gateway.url + "/readyz") == 503, "/readyz did not turn 503", 5)
+    elapsed_until(lambda: _status(gateway.url + "/readyz") == 503, "/readyz to turn 503", 5)
 
     async def scenario() -> SSEStream:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:

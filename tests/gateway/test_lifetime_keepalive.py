@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import SSEStream
+from tests.support.waiting import let_time_pass_async, wait_until
 
 LIFETIME = 2.0
 RETRY_MS = 3000
@@ -62,7 +63,7 @@ def test_a_stream_is_closed_after_its_lifetime_and_resumes_with_nothing_lost(
         with node.new_publisher() as pub:
             while not stop.is_set():
                 published.append(pub.publish("t", f"e{len(published)}"))
-                time.sleep(0.02)
+                time.sleep(0.02)  # the publisher's pace: about 50 events a second
 
     async def scenario() -> list[TimedStream]:
         lives: list[TimedStream] = []
@@ -124,7 +125,7 @@ def test_without_a_maximum_lifetime_a_stream_stays_open(gateway_factory: Gateway
             task = asyncio.create_task(stream.read(http))
             try:
                 await stream.wait_for(lambda s: s.status == 200)
-                await asyncio.sleep(LIFETIME + 0.5)
+                await let_time_pass_async(LIFETIME + 0.5, "longer than a lifetime would be")
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -222,12 +223,14 @@ def test_the_gateway_turns_tcp_keepalive_on_for_stream_sockets(
     gateway = gateway_factory(*flags)
     client_port = open_raw_stream(gateway.port, raw_stream)
 
-    deadline = time.monotonic() + 5
-    timer = server_socket_timer(ss, gateway.port, client_port)
-    while not timer.startswith("keepalive"):
-        assert time.monotonic() < deadline, f"no keepalive timer on the server socket: {timer!r}"
-        time.sleep(0.1)
-        timer = server_socket_timer(ss, gateway.port, client_port)
+    timers: list[str] = []
+
+    def keepalive() -> bool:
+        timers.append(server_socket_timer(ss, gateway.port, client_port))
+        return timers[-1].startswith("keepalive")
+
+    wait_until(keepalive, "a keepalive timer on the server socket", 5)
+    timer = timers[-1]
 
     # ``keepalive,7sec,0`` (iproute2 6.1 writes ``6.996ms`` for 6.996 s): the first probe is
     # due within the configured idle time, not after the kernel's default of two hours.
@@ -241,6 +244,12 @@ def test_tcp_keepalive_zero_leaves_stream_sockets_without_keepalive(
 ) -> None:
     gateway = gateway_factory("--tcp-keepalive", "0")
     client_port = open_raw_stream(gateway.port, raw_stream)
-    time.sleep(0.3)  # the preamble is acknowledged: no retransmission timer either
+    # once the preamble is acknowledged, no retransmission timer ("on") either
+    timers: list[str] = []
 
-    assert server_socket_timer(ss, gateway.port, client_port) == ""
+    def acknowledged() -> bool:
+        timers.append(server_socket_timer(ss, gateway.port, client_port))
+        return not timers[-1].startswith("on")
+
+    wait_until(acknowledged, "the preamble acknowledged", 5)
+    assert timers[-1] == ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -20,6 +20,7 @@ from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream, open_stream
+from tests.support.waiting import let_time_pass, let_time_pass_async, wait_until, wait_until_async
 
 TOPIC = "room:1"
 
@@ -38,18 +39,15 @@ class Scene:
         return int(count)
 
     def wait_numsub(self, expected: int, timeout: float = 5.0) -> float:
-        """Poll until NUMSUB is ``expected``; return when it got there (monotonic)."""
-        deadline = time.monotonic() + timeout
-        while (count := self.numsub()) != expected:
-            assert time.monotonic() < deadline, f"NUMSUB stayed {count}, expected {expected}"
-            time.sleep(0.02)
+        """Wait until NUMSUB is ``expected``; return when it got there (monotonic)."""
+        wait_until(lambda: self.numsub() == expected, f"NUMSUB {expected}", timeout, step=0.02)
         return time.monotonic()
 
 
 @pytest.fixture
 def scene_factory(
     gateway_factory: GatewayFactory, redis_url: str, redis_client: redis.Redis, prefix: str
-):
+) -> Iterator[Callable[[float], Scene]]:
     scenes: list[Scene] = []
 
     def make(linger: float) -> Scene:
@@ -68,9 +66,9 @@ def scene_factory(
 async def _connected(
     client: httpx.AsyncClient, scene: Scene
 ) -> tuple[SSEStream, asyncio.Task[None]]:
-    """Open a stream and return once its preamble arrived."""
+    """Open a stream and return once its preamble arrived: it is subscribed."""
     stream, task = open_stream(client, scene.gateway.url, [TOPIC])
-    await stream.wait_for(lambda s: "ok" in s.parser.comments)
+    await stream.until_subscribed()
     assert stream.status == 200
     return stream, task
 
@@ -81,10 +79,7 @@ async def _close(task: asyncio.Task[None]) -> None:
 
 
 async def _poll(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(condition):
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
+    await wait_until_async(lambda: asyncio.to_thread(condition), what, timeout, step=0.02)
 
 
 def _client() -> httpx.AsyncClient:
@@ -92,7 +87,7 @@ def _client() -> httpx.AsyncClient:
 
 
 def test_idle_client_that_disconnects_releases_the_subscription_after_the_linger(
-    scene_factory,
+    scene_factory: Callable[[float], Scene],
 ) -> None:
     linger = 1.5
     scene = scene_factory(linger)
@@ -102,21 +97,23 @@ def test_idle_client_that_disconnects_releases_the_subscription_after_the_linger
         async with _client() as client:
             _, task = await _connected(client, scene)
             await _poll(lambda: scene.numsub() == 1, "the first client did not subscribe")
-            await asyncio.sleep(0.3)
+            await let_time_pass_async(0.3, "an idle client: its subscription stays")
             assert await asyncio.to_thread(scene.numsub) == 1
             await _close(task)
         return time.monotonic()
 
     left = asyncio.run(scenario())
     # Within the linger the subscription is kept for a client that may come back...
-    time.sleep(0.3)
+    let_time_pass(0.3, "a part of the linger")
     assert scene.numsub() == 1, "the subscription was dropped without any linger"
     # ...and after it, released.
     released = scene.wait_numsub(0, timeout=linger + 5)
     assert released - left >= linger * 0.8, "released before the linger elapsed"
 
 
-def test_short_linger_releases_within_a_few_seconds(scene_factory) -> None:
+def test_short_linger_releases_within_a_few_seconds(
+    scene_factory: Callable[[float], Scene],
+) -> None:
     scene = scene_factory(0.5)
 
     async def scenario() -> None:
@@ -131,7 +128,9 @@ def test_short_linger_releases_within_a_few_seconds(scene_factory) -> None:
     assert scene.gateway.metric("sse_connections ") == 0
 
 
-def test_client_arriving_within_the_linger_reuses_the_subscription(scene_factory) -> None:
+def test_client_arriving_within_the_linger_reuses_the_subscription(
+    scene_factory: Callable[[float], Scene],
+) -> None:
     linger = 1.0
     scene = scene_factory(linger)
     counts: list[int] = []
@@ -139,7 +138,7 @@ def test_client_arriving_within_the_linger_reuses_the_subscription(scene_factory
     async def watch(stop: asyncio.Event) -> None:
         while not stop.is_set():
             counts.append(await asyncio.to_thread(scene.numsub))
-            await asyncio.sleep(0.01)
+            await let_time_pass_async(0.01, "NUMSUB sampled every 10 ms")
 
     async def scenario() -> list[str]:
         async with _client() as client:
@@ -148,10 +147,10 @@ def test_client_arriving_within_the_linger_reuses_the_subscription(scene_factory
             stop = asyncio.Event()
             watcher = asyncio.create_task(watch(stop))
             await _close(first)
-            await asyncio.sleep(linger / 4)
+            await let_time_pass_async(linger / 4, "the second client comes within the linger")
             second, task = await _connected(client, scene)
             # Past the first client's linger: the subscription must still be live.
-            await asyncio.sleep(linger * 2)
+            await let_time_pass_async(linger * 2, "past the first client's linger")
             stop.set()
             await watcher
             ids = [
@@ -169,14 +168,16 @@ def test_client_arriving_within_the_linger_reuses_the_subscription(scene_factory
     scene.wait_numsub(0, timeout=linger + 5)
 
 
-def test_clients_of_one_topic_share_one_subscription(scene_factory) -> None:
+def test_clients_of_one_topic_share_one_subscription(
+    scene_factory: Callable[[float], Scene],
+) -> None:
     scene = scene_factory(0.5)
 
     async def scenario() -> None:
         async with _client() as client:
             opened = [await _connected(client, scene) for _ in range(3)]
             await _poll(lambda: scene.numsub() >= 1, "no subscription")
-            await asyncio.sleep(0.3)
+            await let_time_pass_async(0.3, "three held clients: no second subscription appears")
             assert await asyncio.to_thread(scene.numsub) == 1
             event_id = await asyncio.to_thread(scene.publisher.publish, TOPIC, "to all")
             for stream, _ in opened:
@@ -184,7 +185,7 @@ def test_clients_of_one_topic_share_one_subscription(scene_factory) -> None:
                 assert [(e.id, e.data) for e in stream.events] == [(event_id, "to all")]
             # One leaves: the others still hold the subscription, well past the linger.
             await _close(opened[0][1])
-            await asyncio.sleep(1.2)
+            await let_time_pass_async(1.2, "well past the linger")
             assert await asyncio.to_thread(scene.numsub) == 1
             for _, task in opened[1:]:
                 await _close(task)
@@ -193,7 +194,9 @@ def test_clients_of_one_topic_share_one_subscription(scene_factory) -> None:
     scene.wait_numsub(0, timeout=5)
 
 
-def test_connect_disconnect_cycles_leave_nothing_subscribed(scene_factory) -> None:
+def test_connect_disconnect_cycles_leave_nothing_subscribed(
+    scene_factory: Callable[[float], Scene],
+) -> None:
     scene = scene_factory(0.5)
 
     async def scenario() -> None:
@@ -204,12 +207,11 @@ def test_connect_disconnect_cycles_leave_nothing_subscribed(scene_factory) -> No
                 for _, task in streams:
                     await _close(task)
                 # Alternate between coming back within the linger and after it.
-                await asyncio.sleep(0.1 if cycle % 2 == 0 else 0.8)
+                await let_time_pass_async(
+                    0.1 if cycle % 2 == 0 else 0.8, "back within the linger, or after it"
+                )
 
     asyncio.run(scenario())
     scene.wait_numsub(0, timeout=5)
-    deadline = time.monotonic() + 5
-    while scene.gateway.metric("sse_connections ") != 0:
-        assert time.monotonic() < deadline, "connections were not released"
-        time.sleep(0.05)
+    wait_until(lambda: scene.gateway.metric("sse_connections ") == 0, "connections released", 5)
     assert scene.gateway.metric("sse_hub_topics") == 0

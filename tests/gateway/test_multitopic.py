@@ -8,21 +8,21 @@ import httpx
 
 from tests.conftest import Node
 from tests.support.sse import collect, open_stream
+from tests.support.waiting import let_time_pass_async
 
 
 def test_an_event_published_to_two_subscribed_topics_arrives_once(node: Node) -> None:
     async def scenario() -> list[str]:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
             stream, task = open_stream(http, node.url, ["a", "b", "c"])
-            await stream.wait_for(lambda s: s.status == 200)
-            await asyncio.sleep(0.2)
+            await stream.until_subscribed()
             await asyncio.to_thread(node.publish, ["a", "b"], "to a and b")
             await asyncio.to_thread(node.publish, "elsewhere", "not subscribed")
             await asyncio.to_thread(node.publish, ["b", "c", "elsewhere"], "to b, c and more")
             await asyncio.to_thread(node.publish, "c", "last")
             try:
                 await stream.wait_for(lambda s: "last" in s.data())
-                await asyncio.sleep(0.2)
+                await let_time_pass_async(0.2, "a second copy would arrive meanwhile")
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -40,7 +40,6 @@ class SSEStream:
         self.closed_by_server = False
         self.subscribed = asyncio.Event()
         """Set when ``: ok`` arrives: every event published from then on reaches the stream."""
-        self._head = b""
         self._changed = asyncio.Event()
 
     async def read(self, client: httpx.AsyncClient) -> None:
@@ -49,11 +48,9 @@ class SSEStream:
             self.response_headers = response.headers
             self._changed.set()
             async for chunk in response.aiter_raw():
-                if not self.subscribed.is_set():
-                    self._head += chunk
-                    if preamble_ended(self._head):
-                        self.subscribed.set()
                 self.events.extend(self.parser.feed(chunk))
+                if not self.subscribed.is_set() and "ok" in self.parser.comments:
+                    self.subscribed.set()
                 self._changed.set()
         self.closed_by_server = True
         self._changed.set()
@@ -74,11 +71,6 @@ class SSEStream:
 
     def data(self) -> list[str]:
         return [e.data for e in self.events]
-
-
-def preamble_ended(head: bytes) -> bool:
-    """Whether ``head`` (the first bytes of a stream) holds the ``: ok`` comment line."""
-    return any(line.rstrip(b"\r") == b": ok" for line in head.split(b"\n")[:-1])
 
 
 async def collect(

@@ -9,9 +9,10 @@ publisher's pace, history that must age), the test says so with ``let_time_pass`
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -37,18 +38,31 @@ def wait_until(
         time.sleep(step)
 
 
+@overload
 async def wait_until_async(
-    condition: Callable[[], T | Awaitable[T]],
+    condition: Callable[[], Awaitable[T]], what: str, timeout: float = ..., step: float = ...
+) -> T: ...
+
+
+@overload
+async def wait_until_async(
+    condition: Callable[[], T], what: str, timeout: float = ..., step: float = ...
+) -> T: ...
+
+
+async def wait_until_async(
+    condition: Callable[[], Any],
     what: str,
     timeout: float = 10.0,
     step: float = POLL,
-) -> T:
+) -> Any:
     """``wait_until`` inside an event loop: the loop keeps running while it waits, and
-    ``condition`` may be a coroutine function."""
+    ``condition`` may be a coroutine function (or return an awaitable, such as
+    ``asyncio.to_thread(check)`` for a check that blocks)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
-        if isinstance(value, Awaitable):
+        if inspect.isawaitable(value):
             value = await value
         if value:
             return value
