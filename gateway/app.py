@@ -53,11 +53,16 @@ from gateway.publishing import (
     not_replicated_answer,
 )
 from gateway.stream import EventStream
-from publisher import Message, Retention, make_message
-from publisher._frames import check_field
-from publisher._message import check_idempotency_key
-from publisher._redis import NotReplicated
-from publisher._schema import check_topic, key_to_id
+from publisher.protocol import (
+    Message,
+    Retention,
+    check_field,
+    check_idempotency_key,
+    check_topic,
+    key_to_id,
+    make_message,
+)
+from publisher.redis_transport import NotReplicated
 
 log = logging.getLogger("gateway")
 

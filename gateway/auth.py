@@ -8,11 +8,10 @@ public-key token only against public keys, so a public key can never be used as 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
-from gateway.config import PATTERN, Settings
+from gateway.config import Settings
 from gateway.errors import HTTPError
 from gateway.jwks import JwksCache
+from publisher.protocol import TopicPatterns, compile_patterns, is_valid_pattern
 
 log = logging.getLogger("gateway.auth")
 
@@ -60,61 +60,6 @@ def forbidden_topic(topic: str, action: str) -> HTTPError:
     )  # fmt: skip
 
 
-class TopicPatterns:
-    """A set of ``*`` glob patterns, matched in time linear in the topic for each pattern.
-
-    A pattern is split at its stars: the first piece must start the topic, the last must end
-    it, and the pieces between are found left to right, each at its first place after the
-    previous one. Greedy leftmost search is exact for globs whose only wildcard is ``*``, and
-    unlike a regex with ``.*`` it never backtracks (``*:*:*:*:archive`` against 256 colons
-    froze the event loop for seconds)."""
-
-    __slots__ = ("_any", "_exact", "_globs")
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        exact: set[str] = set()
-        globs: list[tuple[str, tuple[str, ...], str]] = []
-        for pattern in patterns:
-            if "*" not in pattern:
-                exact.add(pattern)
-                continue
-            first, *middle, last = pattern.split("*")
-            globs.append((first, tuple(piece for piece in middle if piece), last))
-        self._exact = frozenset(exact)
-        self._any = any(not first and not middle and not last for first, middle, last in globs)
-        self._globs = tuple(dict.fromkeys(globs))
-
-    def allows(self, topic: str) -> bool:
-        if self._any or topic in self._exact:
-            return True
-        return any(_glob_matches(glob, topic) for glob in self._globs)
-
-    def first_denied(self, topics: Iterable[str]) -> str | None:
-        for topic in topics:
-            if not self.allows(topic):
-                return topic
-        return None
-
-
-def _glob_matches(glob: tuple[str, tuple[str, ...], str], topic: str) -> bool:
-    first, middle, last = glob
-    end = len(topic) - len(last)
-    if end < len(first) or not topic.startswith(first) or not topic.endswith(last):
-        return False
-    position = len(first)
-    for piece in middle:
-        found = topic.find(piece, position, end)
-        if found < 0:
-            return False
-        position = found + len(piece)
-    return True
-
-
-@functools.lru_cache(maxsize=4096)
-def compile_patterns(patterns: tuple[str, ...]) -> TopicPatterns:
-    return TopicPatterns(patterns)
-
-
 NO_RIGHTS = compile_patterns(())
 
 
@@ -135,9 +80,7 @@ def _patterns(claims: dict[str, Any], name: str) -> TopicPatterns:
     if not isinstance(rights, dict):
         raise invalid_token("claim 'sse' must be an object")
     patterns = rights.get(name, [])
-    if not isinstance(patterns, list) or not all(
-        isinstance(p, str) and PATTERN.fullmatch(p) for p in patterns
-    ):
+    if not isinstance(patterns, list) or not all(is_valid_pattern(p) for p in patterns):
         raise invalid_token(f"claim 'sse.{name}' must be a list of topic patterns")
     return compile_patterns(tuple(patterns))
 

@@ -33,6 +33,7 @@ from gateway.config import (
 )
 from gateway.logs import log_config
 from gateway.protocol import head_bound, protocol_class
+from publisher.protocol import DEFAULT_PREFIX
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
 TOKEN_VARIABLE = ENV_PREFIX + "TOKEN"
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"redis:// to publish directly, or a gateway's http:// URL "
         f"(default: ${ENV_PREFIX}REDIS_URL, else {DEFAULT_GATEWAY_URL})",
     )
-    pub.add_argument("--prefix", default=os.environ.get(ENV_PREFIX + "PREFIX", "sse"))
+    pub.add_argument("--prefix", default=os.environ.get(ENV_PREFIX + "PREFIX", DEFAULT_PREFIX))
     pub.add_argument(
         "--token", help=f"a token with the right to publish (default ${TOKEN_VARIABLE})"
     )

@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from publisher.protocol import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_MAX_AGE_SECONDS,
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_PREFIX,
+    MAX_TOPIC_LENGTH,
+    is_valid_pattern,
+)
+
 ENV_PREFIX = "SSE_GATEWAY_"
 
 
@@ -32,7 +41,7 @@ class Settings:
     redis_url: str | None = _opt(
         None, "Redis URL (redis://, rediss://, unix://); without one the in-memory engine runs"
     )
-    prefix: str = _opt("sse", "prefix of every Redis key and channel")
+    prefix: str = _opt(DEFAULT_PREFIX, "prefix of every Redis key and channel")
     heartbeat: float = _opt(15.0, "seconds of silence after which a ': ping' comment is sent")
     retry_ms: int = _opt(3000, "reconnect delay announced to browsers in the preamble (ms)")
     max_pending_bytes: int = _opt(
@@ -44,8 +53,12 @@ class Settings:
     )
     linger: float = _opt(2.0, "seconds a topic stays subscribed after its last local client left")
     subscribe_timeout: float = _opt(5.0, "seconds to wait for the engine to confirm a subscribe")
-    max_events: int = _opt(2000, "history kept per topic by events published through this node")
-    max_age: float = _opt(3600.0, "seconds of history kept per topic (0: no age limit)")
+    max_events: int = _opt(
+        DEFAULT_MAX_EVENTS, "history kept per topic by events published through this node"
+    )
+    max_age: float = _opt(
+        DEFAULT_MAX_AGE_SECONDS, "seconds of history kept per topic (0: no age limit)"
+    )
     max_publish_bytes: int = _opt(64 * 1024, "largest POST /publish body accepted")
     publish_rate: float = _opt(
         1000.0,
@@ -53,7 +66,8 @@ class Settings:
         "bursts of twice that (0: unlimited)",
     )
     idempotency_ttl: float = _opt(
-        300.0, "seconds a publish's idempotency key is remembered (a retry returns its first id)"
+        DEFAULT_IDEMPOTENCY_TTL,
+        "seconds a publish's idempotency key is remembered (a retry returns its first id)",
     )
     publish_replicas: int = _opt(
         0, "replicas that must hold a publish before POST /publish answers (Redis WAIT)"
@@ -287,7 +301,6 @@ SUPPORTED_ALGORITHMS = (
     "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
     "ES256", "ES384", "ES512", "EdDSA",
 )  # fmt: skip
-PATTERN = re.compile(r"[A-Za-z0-9_.:/@*-]{1,256}")
 
 
 def _validate_security(settings: Settings) -> None:
@@ -305,10 +318,10 @@ def _validate_security(settings: Settings) -> None:
             "choose one (use --public-topics to let anyone read some topics)"
         )
     for pattern in settings.public_topics:
-        if not PATTERN.fullmatch(pattern):
+        if not is_valid_pattern(pattern):
             raise SystemExit(
                 f"--public-topics: {pattern!r} is not a topic pattern "
-                "(1-256 characters from A-Z a-z 0-9 _ . : / @ - and *)"
+                f"(1-{MAX_TOPIC_LENGTH} characters from A-Z a-z 0-9 _ . : / @ - and *)"
             )
     if settings.demo and settings.auth_enabled:
         raise SystemExit(

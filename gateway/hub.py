@@ -18,8 +18,7 @@ from typing import Protocol
 
 from gateway.engines.base import Engine, Frame, HeldFrames
 from gateway.metrics import Metrics
-from publisher._frames import comment
-from publisher._schema import key_to_id
+from publisher.protocol import comment, key_to_id
 
 log = logging.getLogger("gateway.hub")
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from publisher import Publisher, PublishError
-from publisher._redis import DEFAULT_IDEMPOTENCY_TTL
+from publisher.protocol import DEFAULT_IDEMPOTENCY_TTL, DEFAULT_PREFIX
 
 if TYPE_CHECKING:  # psycopg is the optional `pg` extra: imported where it is used
     import psycopg
@@ -57,7 +57,7 @@ PRUNE = "DELETE FROM sse_outbox WHERE sent_at < now() - make_interval(secs => %s
 class BridgeSettings:
     dsn: str
     url: str
-    prefix: str = "sse"
+    prefix: str = DEFAULT_PREFIX
     token: str | None = None
     channel: str = DEFAULT_CHANNEL
     batch_size: int = 100
@@ -181,15 +181,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--url", default=os.environ.get("SSE_GATEWAY_REDIS_URL"),
         help="redis:// to publish directly, or a gateway's http:// URL ($SSE_GATEWAY_REDIS_URL)",
     )  # fmt: skip
-    run.add_argument("--prefix", default=os.environ.get("SSE_GATEWAY_PREFIX", "sse"))
+    defaults = BridgeSettings
+    run.add_argument("--prefix", default=os.environ.get("SSE_GATEWAY_PREFIX", defaults.prefix))
     run.add_argument("--token", default=os.environ.get("SSE_GATEWAY_TOKEN"))
-    run.add_argument("--batch-size", type=int, default=int(os.environ.get(ENV + "BATCH_SIZE", 100)))
     run.add_argument(
-        "--poll-interval", type=float, default=float(os.environ.get(ENV + "POLL_INTERVAL", 5))
-    )
+        "--batch-size", type=int,
+        default=int(os.environ.get(ENV + "BATCH_SIZE", defaults.batch_size)),
+    )  # fmt: skip
     run.add_argument(
-        "--keep-sent", type=float, default=float(os.environ.get(ENV + "KEEP_SENT", 86400))
-    )
+        "--poll-interval", type=float,
+        default=float(os.environ.get(ENV + "POLL_INTERVAL", defaults.poll_interval)),
+    )  # fmt: skip
+    run.add_argument(
+        "--keep-sent", type=float,
+        default=float(os.environ.get(ENV + "KEEP_SENT", defaults.keep_sent)),
+    )  # fmt: skip
     run.add_argument(
         "--idempotency-ttl", type=float, default=float(
             os.environ.get("SSE_GATEWAY_IDEMPOTENCY_TTL", DEFAULT_IDEMPOTENCY_TTL)

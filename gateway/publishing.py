@@ -8,7 +8,7 @@ import logging
 from gateway.auth import Identity
 from gateway.errors import HTTPError, bad_request
 from gateway.limits import rate_limiter, retry_after
-from publisher._redis import Failure, NotReplicated
+from publisher.redis_transport import Failure, NotReplicated
 
 log = logging.getLogger("gateway.publish")
 

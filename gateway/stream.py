@@ -37,8 +37,15 @@ from gateway.errors import HTTPError, bad_request
 from gateway.hub import SHED_REASONS, Hub, Subscriber, Transport
 from gateway.limits import Admission, check_sizes
 from gateway.metrics import Metrics
-from publisher._frames import check_field, comment, event, retry
-from publisher._schema import MAX_TOPIC_LENGTH, is_valid_topic, key_to_id
+from publisher.protocol import (
+    MAX_TOPIC_LENGTH,
+    check_field,
+    comment,
+    event,
+    is_valid_topic,
+    key_to_id,
+    retry,
+)
 
 log = logging.getLogger("gateway.stream")
 

@@ -12,19 +12,25 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from publisher._job import DEFAULT_PROGRESS_RATE, AsyncJob, Clock, Job
-from publisher._message import Message, PublishError, TopicArg, make_message
-from publisher._redis import (
+from publisher.protocol import (
     DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_PREFIX,
+    Keys,
+    Message,
+    PublishError,
+    Retention,
+    TopicArg,
+    make_message,
+)
+from publisher.redis_transport import (
     DEFAULT_RETRY_FOR,
     DEFAULT_WAIT_TIMEOUT,
     AsyncRedisTransport,
     NotReplicated,
     RedisTransport,
-    Retention,
     connect,
     connect_async,
 )
-from publisher._schema import DEFAULT_PREFIX, Keys
 from publisher.subscriber import (
     AsyncSubscription,
     Event,

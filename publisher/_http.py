@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 
 import orjson
 
-from publisher._message import Message, PublishError
 from publisher._retry import Backoff
+from publisher.protocol import Message, PublishError
 
 _T = TypeVar("_T")
 

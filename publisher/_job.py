@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
-from publisher._message import TopicArg
+from publisher.protocol import TopicArg
 
 log = logging.getLogger("publisher")
 

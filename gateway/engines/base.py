@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Generic, NamedTuple, TypeVar
 
-from publisher import Message
-from publisher._frames import encode_frame, event_name
-from publisher._schema import BEGINNING, id_key, since_to_id
+from publisher.protocol import BEGINNING, Message, encode_frame, event_name, id_key, since_to_id
 
 
 @dataclass(frozen=True, slots=True)

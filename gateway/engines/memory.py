@@ -8,8 +8,7 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 from gateway.engines.base import Engine, Frame, Head, History, Position, Replay, TopicRead
-from publisher import Message, Retention
-from publisher._schema import key_to_id
+from publisher.protocol import DEFAULT_IDEMPOTENCY_TTL, Message, Retention, key_to_id
 
 
 class _History:
@@ -23,7 +22,9 @@ class _History:
 class MemoryEngine(Engine):
     name = "memory"
 
-    def __init__(self, retention: Retention | None = None, idempotency_ttl: float = 300.0) -> None:
+    def __init__(
+        self, retention: Retention | None = None, idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL
+    ) -> None:
         super().__init__()
         self.retention = retention or Retention()
         self.idempotency_ttl = idempotency_ttl

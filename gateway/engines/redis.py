@@ -40,15 +40,24 @@ from gateway.engines.base import (
     TopicRead,
 )
 from gateway.publishing import PublishFailed
-from publisher import Message, Retention
-from publisher._redis import (
+from publisher.protocol import (
+    DEFAULT_IDEMPOTENCY_TTL,
+    DEFAULT_PREFIX,
+    PREV_FIELD,
+    STREAM_FIELD,
+    Keys,
+    Message,
+    Retention,
+    id_key,
+    key_to_id,
+)
+from publisher.redis_transport import (
     AsyncRedisTransport,
     NotReplicated,
     connect_async,
     permanent_failure,
     sentinel_target,
 )
-from publisher._schema import PREV_FIELD, STREAM_FIELD, Keys, id_key, key_to_id
 
 log = logging.getLogger("gateway.engine")
 
@@ -189,11 +198,11 @@ class RedisEngine(Engine):
         self,
         url: str,
         *,
-        prefix: str = "sse",
+        prefix: str = DEFAULT_PREFIX,
         retention: Retention | None = None,
         subscribe_timeout: float = 5.0,
         probe_interval: float = 5.0,
-        idempotency_ttl: float = 300.0,
+        idempotency_ttl: float = DEFAULT_IDEMPOTENCY_TTL,
         publish_replicas: int = 0,
     ) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import redis
 
 from gateway.demo import TOPICS
 from publisher import Publisher
-from publisher._schema import Keys, id_key
+from publisher.protocol import Keys, id_key
 from tests.conftest import GatewayFactory
 
 WAIT_MS = 30_000

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from publisher import Publisher
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.browser.test_client_js import follow, rec, wait_seqs, wait_status
 from tests.conftest import Node
 

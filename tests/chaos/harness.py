@@ -36,7 +36,7 @@ import redis
 from gateway.client import EventParser, ServerEvent
 from gateway.config import Settings
 from publisher import Publisher, Retention
-from publisher._schema import id_key, key_to_id
+from publisher.protocol import id_key, key_to_id
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.redis_server import server_binary

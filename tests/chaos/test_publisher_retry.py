@@ -12,7 +12,7 @@ import time
 import pytest
 
 from publisher import Publisher
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.chaos.harness import (
     Chaos,
     Ledger,

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import redis
 
-from publisher._redis import SCRIPT_SHA
+from publisher.redis_transport import SCRIPT_SHA
 from tests.chaos.harness import (
     Chaos,
     Ledger,

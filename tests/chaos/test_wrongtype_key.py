@@ -17,7 +17,7 @@ import httpx
 import pytest
 import redis
 
-from publisher._schema import Keys
+from publisher.protocol import Keys
 from tests.chaos.harness import (
     Chaos,
     Ledger,

@@ -18,7 +18,7 @@ import redis
 from gateway.demo import JOBS_TOPIC, DemoPublisher
 from gateway.engines.base import Frame
 from gateway.engines.memory import MemoryEngine
-from publisher._schema import Keys
+from publisher.protocol import Keys
 from publisher.sse import EventParser, ServerEvent
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import collect

@@ -14,8 +14,7 @@ from gateway.engines.base import (
     check_history,
     merge_unique,
 )
-from publisher._frames import encode_body
-from publisher._schema import id_key
+from publisher.protocol import encode_body, id_key
 
 TOPICS = ("alpha", "beta")
 ORIGIN = id_key("1000-0")

@@ -24,7 +24,7 @@ import jwt
 import pytest
 
 from publisher import AsyncPublisher, Publisher, PublishError
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream, until_subscribed

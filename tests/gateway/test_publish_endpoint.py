@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from gateway.config import is_loopback_address as _is_loopback
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.conftest import Node
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream, open_stream, until_subscribed

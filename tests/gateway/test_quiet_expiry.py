@@ -28,7 +28,7 @@ from gateway.engines.base import (
     check_history,
     expiry_horizon,
 )
-from publisher._schema import id_key, id_ms
+from publisher.protocol import id_key, id_ms
 from tests.conftest import Node, NodeFactory
 from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
 

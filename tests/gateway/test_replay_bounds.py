@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from gateway.client import EventParser, ServerEvent, stream_url
-from publisher._schema import key_to_id
+from publisher.protocol import key_to_id
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import collect
 

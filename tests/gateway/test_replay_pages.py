@@ -11,7 +11,7 @@ import itertools
 from gateway.engines.base import Frame, Position, Replay, ResetReason
 from gateway.engines.memory import MemoryEngine, _MemoryHistory
 from publisher import Retention, make_message
-from publisher._schema import key_to_id
+from publisher.protocol import key_to_id
 
 
 def publish(engine: MemoryEngine, topics: list[str], data: str) -> str:

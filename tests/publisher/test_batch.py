@@ -17,7 +17,7 @@ import pytest
 
 from publisher import Publisher, make_message
 from publisher._http import HttpTransport
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.conftest import GatewayFactory, Node
 from tests.support.sse import collect
 from tests.support.tokens import SECRET, hs256

@@ -13,9 +13,8 @@ import pytest
 
 from gateway.client import ServerEvent
 from publisher import AsyncPublisher, Message, Publisher, PublishError
-from publisher._frames import serialize_data
 from publisher._http import HttpTransport
-from publisher._schema import id_key
+from publisher.protocol import id_key, serialize_data
 from tests.support.ports import free_port
 from tests.support.sse import open_stream
 

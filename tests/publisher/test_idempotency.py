@@ -16,8 +16,8 @@ import redis
 import redis.exceptions
 
 from publisher import AsyncPublisher, Publisher
-from publisher._redis import sentinel_target
-from publisher._schema import Keys, idempotency_digest
+from publisher.protocol import Keys, idempotency_digest
+from publisher.redis_transport import sentinel_target
 from tests.conftest import Node
 from tests.support import redis_server
 from tests.support.redis_server import RedisServer

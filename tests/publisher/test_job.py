@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from publisher import AsyncPublisher, Publisher
-from publisher._schema import Keys
+from publisher.protocol import Keys
 
 
 class FakeClock:

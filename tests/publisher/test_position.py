@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from publisher import AsyncPublisher, Publisher
-from publisher._schema import BEGINNING, id_key
+from publisher.protocol import BEGINNING, id_key
 from tests.conftest import GatewayFactory, Node
 from tests.support.sse import open_stream
 from tests.support.tokens import SECRET, hs256

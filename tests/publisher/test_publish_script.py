@@ -17,7 +17,7 @@ import redis
 import redis.exceptions
 
 from publisher import NotReplicated, Publisher
-from publisher._schema import id_key
+from publisher.protocol import id_key
 from tests.support import redis_server
 from tests.support.redis_server import RedisServer
 

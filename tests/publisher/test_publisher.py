@@ -22,8 +22,7 @@ import pytest
 import redis
 
 from publisher import AsyncPublisher, Publisher, Retention
-from publisher._frames import encode_body
-from publisher._schema import Keys, id_key
+from publisher.protocol import Keys, encode_body, id_key
 
 ID = re.compile(r"(\d+)-(\d+)")
 
@@ -427,7 +426,7 @@ def test_each_entry_names_the_previous_entry_of_its_stream_so_trimming_is_visibl
     """What a reader needs to tell that events after its position were trimmed (Redis does not
     move max-deleted-entry-id when it trims): each entry points back at the entry before it
     in the same stream, so the first retained entry points at an id the stream lost."""
-    from publisher._schema import PREV_FIELD
+    from publisher.protocol import PREV_FIELD
 
     prev = PREV_FIELD.encode()
     keys = Keys(prefix)

@@ -16,9 +16,8 @@ import redis
 import redis.exceptions
 
 from publisher import Message, NotReplicated, Publisher, Retention
-from publisher._message import make_message
-from publisher._redis import RedisTransport, is_transient
-from publisher._schema import Keys
+from publisher.protocol import Keys, make_message
+from publisher.redis_transport import RedisTransport, is_transient
 from tests.support.gateway import GatewayProcess
 from tests.support.redis_server import RedisServer, server_binary
 

@@ -1,4 +1,8 @@
-"""Publishing straight to Redis with the atomic publish script."""
+"""Publishing straight to Redis with the atomic publish script.
+
+Public for the gateway, whose engine publishes and connects exactly as a worker does: the
+transports, ``connect``/``connect_async`` (Sentinel URLs included), and how a failed publish
+is classified (``is_transient``, ``permanent_failure``, ``Failure``, ``NotReplicated``)."""
 
 from __future__ import annotations
 
@@ -34,36 +38,22 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from publisher._message import Message
 from publisher._retry import Backoff
-from publisher._schema import BEGINNING, DEFAULT_MAX_AGE_SECONDS, DEFAULT_MAX_EVENTS, Keys, id_key
+from publisher.protocol import (
+    BEGINNING,
+    DEFAULT_IDEMPOTENCY_TTL,
+    Keys,
+    Message,
+    Retention,
+    id_key,
+)
 
 log = logging.getLogger("publisher")
 
 PUBLISH_SCRIPT = resources.files("publisher").joinpath("publish.lua").read_text("utf-8")
 SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
 
-
-@dataclass(frozen=True)
-class Retention:
-    """How much history each topic keeps for replay.
-
-    ``max_events`` is approximate (Redis trims whole stream nodes, so at least that many are
-    kept); ``max_age`` (seconds, 0 for none) is applied when the topic is next published to.
-    """
-
-    max_events: int = DEFAULT_MAX_EVENTS
-    max_age: float = DEFAULT_MAX_AGE_SECONDS
-
-    def __post_init__(self) -> None:
-        if self.max_events < 1:
-            raise ValueError("max_events must be at least 1")
-        if not math.isfinite(self.max_age) or self.max_age < 0:
-            raise ValueError("max_age must be a finite number >= 0")
-
-
 DEFAULT_RETRY_FOR = 10.0
-DEFAULT_IDEMPOTENCY_TTL = 300.0
 DEFAULT_WAIT_TIMEOUT = 1.0
 TRANSIENT_ERRORS = (
     ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, TryAgainError, MasterDownError,

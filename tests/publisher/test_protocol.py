@@ -1,23 +1,96 @@
-"""Sans-IO encoding of events: what one publish turns into on the wire (no I/O, no Redis)."""
+"""The rules of ``publisher.protocol``, shared by publishers and gateways: ids, topics and
+topic patterns, what one publish turns into on the wire, and the Redis key names. Pure: no I/O,
+no Redis, no event loop."""
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.client import EventParser, ServerEvent
-from publisher._frames import (
+from publisher.protocol import (
+    BEGINNING,
+    DEFAULT_MAX_AGE_SECONDS,
+    DEFAULT_MAX_EVENTS,
+    DEFAULT_PREFIX,
+    PREV_FIELD,
+    STREAM_FIELD,
+    Keys,
+    Retention,
+    TopicPatterns,
+    check_topic,
     comment,
+    compile_patterns,
     encode_body,
     encode_frame,
     event,
     event_name,
+    id_key,
+    id_ms,
+    idempotency_digest,
+    is_valid_pattern,
+    is_valid_topic,
+    key_to_id,
+    make_message,
+    parse_id,
     retry,
     serialize_data,
+    since_to_id,
 )
-from publisher._message import make_message
-from publisher._schema import check_topic, is_valid_topic
+
+U64 = (1 << 64) - 1
+
+# -- ids ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_id", "parts"),
+    [("0-0", (0, 0)), ("1712345678901-7", (1712345678901, 7)), (f"{U64}-{U64}", (U64, U64))],
+)
+def test_an_id_is_two_unsigned_64_bit_numbers(event_id: str, parts: tuple[int, int]) -> None:
+    assert parse_id(event_id) == parts
+    assert id_ms(event_id) == parts[0]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "1", "1-", "-1", "a-b", "1-2-3", " 1-0", "1-0\n", "+1-0", "1.5-0", f"{U64 + 1}-0",
+     f"0-{U64 + 1}", "1" * 21 + "-0"],
+)  # fmt: skip
+def test_anything_else_is_not_an_id(bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid event id"):
+        parse_id(bad)
+    with pytest.raises(ValueError, match="invalid event id"):
+        id_key(bad)
+
+
+@pytest.mark.parametrize("event_id", ["0-0", "0-1", "1-0", "1712345678901-7", f"{U64}-{U64}"])
+def test_an_id_round_trips_through_its_key(event_id: str) -> None:
+    assert key_to_id(id_key(event_id)) == event_id
+    assert id_key(event_id.encode()) == id_key(event_id)
+
+
+def test_keys_order_ids_by_time_then_sequence_not_as_text() -> None:
+    ids = ["10-0", "9-0", "1-10", "1-9", f"1-{U64}", "2-0", "0-0", "0-1"]
+    by_key = sorted(ids, key=id_key)
+    assert by_key == sorted(ids, key=parse_id)
+    assert by_key == ["0-0", "0-1", "1-9", "1-10", f"1-{U64}", "2-0", "9-0", "10-0"]
+
+
+def test_the_beginning_is_before_every_id() -> None:
+    assert id_key(BEGINNING) == 0
+    assert id_key(BEGINNING) < id_key("0-1")
+
+
+def test_since_is_the_first_id_of_its_millisecond() -> None:
+    assert since_to_id(1700) == "1700-0"
+    assert id_key(f"1699-{U64}") < id_key(since_to_id(1700)) <= id_key("1700-0")
+
 
 # -- data lines -----------------------------------------------------------------------------
 
@@ -260,6 +333,129 @@ def test_a_message_is_serialized_once_into_its_body() -> None:
     assert message.body == b'event: tick\ndata: {"n":1}\n\n'
     assert message.event == "tick"
     assert message.data == {"n": 1}
+
+
+# -- topic patterns -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["room:*", "*", "a", "*:status", "x" * 256, "A-Z_a.z:0/9@-*"])
+def test_topic_patterns_are_topic_characters_and_stars(pattern: str) -> None:
+    assert is_valid_pattern(pattern)
+
+
+@pytest.mark.parametrize("pattern", ["", "a b", "x" * 257, "é", "a#b", "a\nb", None, 5, ["a"]])
+def test_anything_else_is_not_a_topic_pattern(pattern: object) -> None:
+    assert not is_valid_pattern(pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "topic", "allowed"),
+    [
+        ("user:alice", "user:alice", True),
+        ("user:alice", "user:alice2", False),
+        ("user:alice", "user:alic", False),
+        ("room:*", "room:1", True),
+        ("room:*", "room:a/b", True),
+        ("room:*", "room:", True),
+        ("room:*", "rooms:1", False),
+        ("room:*", "room", False),
+        ("*:status", "job/7:status", True),
+        ("*", "anything.at/all", True),
+        ("a.b", "aXb", False),
+    ],
+)
+def test_a_star_matches_any_run_of_characters_and_nothing_else_is_special(
+    pattern: str, topic: str, allowed: bool
+) -> None:
+    assert TopicPatterns([pattern]).allows(topic) is allowed
+
+
+def test_no_patterns_grant_nothing() -> None:
+    assert not TopicPatterns([]).allows("a")
+    assert TopicPatterns(["a", "b:*"]).first_denied(["a", "b:1", "c", "d"]) == "c"
+
+
+def test_the_same_patterns_are_compiled_once() -> None:
+    assert compile_patterns(("a", "b:*")) is compile_patterns(("a", "b:*"))
+
+
+BACKTRACKING_PATTERNS = ["*:*:*:*:archive", "***:x"]
+MATCH_BOUND = 1.0
+"""A liveness bound, not a speed measurement: the backtracking regex took seconds."""
+
+
+def reference(patterns: list[str], topic: str) -> bool:
+    """The old meaning of a pattern, as a regex: ``*`` is any run of characters."""
+    return any(re.fullmatch(re.escape(p).replace(r"\*", ".*"), topic) for p in patterns)
+
+
+small_text = st.text(alphabet="ab:*", max_size=8)
+
+
+@settings(max_examples=2000, deadline=None, database=None)
+@given(patterns=st.lists(small_text.filter(bool), max_size=3), topic=st.text("ab:", max_size=10))
+def test_matching_means_what_it_meant(patterns: list[str], topic: str) -> None:
+    """Issue 10 E: the linear matcher agrees with the old regex on every small case."""
+    assert TopicPatterns(patterns).allows(topic) is reference(patterns, topic)
+
+
+def test_a_backtracking_pattern_against_a_long_topic_is_answered_at_once() -> None:
+    """Issue 10 E, catastrophic backtracking: the worst shapes match or fail without
+    exploring every split of the topic (the old regex took seconds per topic)."""
+    patterns = TopicPatterns(BACKTRACKING_PATTERNS)
+    topics = [":" * 256, "a:" * 128]
+    started = time.monotonic()
+    for topic in topics:
+        assert not patterns.allows(topic)
+    assert patterns.allows(":" * 248 + "archive")
+    assert time.monotonic() - started < MATCH_BOUND
+
+
+# -- the Redis schema -----------------------------------------------------------------------
+
+
+def test_key_and_channel_names_under_the_default_prefix() -> None:
+    """The names publish.lua, every node and data already in Redis agree on."""
+    keys = Keys()
+    assert keys.prefix == DEFAULT_PREFIX == "sse"
+    assert keys.clock == "sse:clock"
+    assert keys.origin == "sse:origin"
+    assert keys.stream("jobs:42") == "sse:s:jobs:42"
+    assert keys.channel("jobs:42") == "sse:c:jobs:42"
+    assert keys.channel("x").startswith(keys.channel_prefix)
+    assert keys.channel_prefix == "sse:c:"
+    assert keys.idempotency("d1") == "sse:idem:d1"
+    assert keys.probe("node-1") == "sse:probe:node-1"
+    assert (STREAM_FIELD, PREV_FIELD) == ("f", "p")
+
+
+def test_a_prefix_separates_tenants_of_one_redis() -> None:
+    a, b = Keys("a"), Keys("b")
+    assert a.stream("t") == "a:s:t"
+    assert b.stream("t") == "b:s:t"
+    assert a.clock != b.clock
+
+
+def test_an_idempotency_digest_names_scope_topic_set_and_key() -> None:
+    digest = idempotency_digest("alice", ["b", "a", "b"], "k1")
+    assert digest == idempotency_digest("alice", ["a", "b"], "k1")
+    assert digest != idempotency_digest("bob", ["a", "b"], "k1")
+    assert digest != idempotency_digest("alice", ["a"], "k1")
+    assert digest != idempotency_digest("alice", ["a", "b"], "k2")
+    # a joined string would confuse these two; the JSON encoding does not
+    assert idempotency_digest("s", ["t"], "k:x") != idempotency_digest("s", ["t:k"], "x")
+    message = make_message(["b", "a"], "x", idempotency_key="k1")
+    assert message.idempotency_digest == idempotency_digest("", ["a", "b"], "k1")
+
+
+def test_retention_defaults_and_bounds() -> None:
+    assert Retention() == Retention(DEFAULT_MAX_EVENTS, DEFAULT_MAX_AGE_SECONDS)
+    assert Retention(1, 0).max_age == 0
+    with pytest.raises(ValueError, match="max_events"):
+        Retention(0)
+    for bad_age in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_age"):
+            Retention(10, bad_age)
 
 
 # -- frames round-trip through a real SSE parser --------------------------------------------
