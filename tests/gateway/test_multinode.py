@@ -12,6 +12,7 @@ import orjson
 from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.sse import SSEStream
+from tests.support.waiting import wait_until_async
 
 EVENTS = 1200
 
@@ -29,7 +30,7 @@ def test_moving_between_nodes_with_last_event_id_loses_and_repeats_nothing(
         with Publisher.from_url(redis_url, prefix=prefix) as pub:
             for seq in range(EVENTS):
                 ids.append(pub.publish("orders", {"seq": seq}))
-                time.sleep(0.002)
+                time.sleep(0.002)  # the publisher's pace, so clients hop while it publishes
 
     async def read(http: httpx.AsyncClient, stream: SSEStream, done: object) -> None:
         task = asyncio.create_task(stream.read(http))
@@ -50,8 +51,7 @@ def test_moving_between_nodes_with_last_event_id_loses_and_repeats_nothing(
             if count:
                 await read(http, stream, lambda s, n=count: len(s.events) >= n)
             else:
-                while len(ids) < EVENTS:
-                    await asyncio.sleep(0.01)
+                await wait_until_async(lambda: len(ids) >= EVENTS, "every event published", 30)
                 await read(http, stream, lambda s: bool(s.events) and s.events[-1].id == ids[-1])
             received.extend(orjson.loads(e.data)["seq"] for e in stream.events)
             if stream.events:
@@ -61,8 +61,7 @@ def test_moving_between_nodes_with_last_event_id_loses_and_repeats_nothing(
     async def scenario() -> list[list[int]]:
         publisher = threading.Thread(target=publish_steadily)
         publisher.start()
-        while not ids:
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: bool(ids), "the first event published")
         async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None)) as http:
             plans = [[150], [40, 300], [400, 20, 200]]
             results = await asyncio.gather(*(client(http, plan) for plan in plans))

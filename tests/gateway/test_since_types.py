@@ -10,13 +10,14 @@ import httpx
 
 from tests.conftest import Node
 from tests.support.sse import collect, open_stream
+from tests.support.waiting import let_time_pass_async
 
 
 def publish_spaced(node: Node, count: int) -> list[str]:
     ids = []
     for seq in range(count):
         ids.append(node.publish("t", f"e{seq}"))
-        time.sleep(0.005)
+        time.sleep(0.005)  # each event in a millisecond of its own, for ``since``
     return ids
 
 
@@ -39,8 +40,7 @@ def test_since_in_the_future_replays_nothing_and_streams_live(node: Node) -> Non
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
             future = int(time.time() * 1000) + 60_000
             stream, task = open_stream(http, node.url, ["t"], since=future)
-            await stream.wait_for(lambda s: s.status == 200)
-            await asyncio.sleep(0.3)
+            await stream.until_subscribed()
             await asyncio.to_thread(node.publish, "t", "live")
             try:
                 await stream.wait_for(lambda s: len(s.events) >= 1)
@@ -76,7 +76,7 @@ def test_types_filters_both_replay_and_live(node: Node) -> None:
                 await asyncio.to_thread(node.publish, "t", data, event)
             try:
                 await stream.wait_for(lambda s: len(s.events) >= 4)
-                await asyncio.sleep(0.2)
+                await let_time_pass_async(0.2, "a filtered-out event would arrive meanwhile")
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import pytest
 import redis
 
 from tests.support.gateway import GatewayProcess
-from tests.support.redis_server import server_binary
+from tests.support.redis_server import answers, server_binary
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -29,17 +29,8 @@ def unix_redis() -> Iterator[str]:
         cwd=directory,
     )
     try:
-        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.close()
+        with redis.Redis(unix_socket_path=str(sock), socket_timeout=1) as client:
+            wait_until(lambda: answers(client), "redis-server on its unix socket")
         yield f"unix://{sock}"
     finally:
         process.terminate()

@@ -8,12 +8,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 
 import redis
 
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 INSTALL_HINT = (
     "redis-server is needed by the tests: install it (Debian/Ubuntu: apt-get install "
@@ -41,19 +41,14 @@ class RedisServer:
             "--appendonly", "no", "--dir", self.dir, "--daemonize", "no", *self.extra,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
+        process = self.process
+        with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
             try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    code = self.process.poll()
-                    raise RuntimeError(f"redis-server did not start (exit {code})") from None
-                time.sleep(0.02)
-            finally:
-                client.close()
+                wait_until(lambda: process.poll() is not None or answers(client), "redis-server")
+            except AssertionError:
+                raise RuntimeError("redis-server did not start in 10 s") from None
+        if process.poll() is not None:
+            raise RuntimeError(f"redis-server did not start (exit {process.poll()})")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -68,6 +63,14 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def answers(client: redis.Redis) -> bool:
+    """Whether the Redis behind ``client`` answers a PING (False while it cannot be reached)."""
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
 
 
 def _apt_install() -> str | None:
