@@ -21,6 +21,7 @@ from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream
 from tests.support.tokens import assert_error
+from tests.support.waiting import wait_until_async
 
 DRAIN = 3.0
 STREAMS = 20
@@ -75,7 +76,7 @@ class Publishing:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.ids.append(self.publisher.publish(TOPIC, f"e{len(self.ids)}"))
-            time.sleep(0.01)
+            time.sleep(0.01)  # the publisher's pace: about 100 events a second
 
     def start(self) -> None:
         self._thread.start()
@@ -124,10 +125,18 @@ async def wait_exit(gateway: GatewayProcess, timeout: float) -> int:
 
 
 async def wait_not_ready(http: httpx.AsyncClient, gateway: GatewayProcess, since: float) -> float:
-    """Poll ``/readyz`` until it is a 503; return how long after ``since`` that was."""
-    while (ready := await http.get(gateway.url + "/readyz")).status_code == 200:
-        assert time.monotonic() - since < 2, "/readyz still 200 two seconds after the signal"
-        await asyncio.sleep(0.02)
+    """Poll ``/readyz`` until it is no longer 200; return how long after ``since`` that was."""
+
+    async def no_longer_ready() -> httpx.Response | None:
+        ready = await http.get(gateway.url + "/readyz")
+        return ready if ready.status_code != 200 else None
+
+    left = 2 - (time.monotonic() - since)
+    try:
+        ready = await wait_until_async(no_longer_ready, "/readyz to turn 503", left, step=0.02)
+    except AssertionError:
+        raise AssertionError("/readyz still 200 two seconds after the signal") from None
+    assert ready is not None
     assert ready.status_code == 503, ready.text
     assert ready.json() == {"status": "draining"}
     return time.monotonic() - since
@@ -219,7 +228,7 @@ def test_streams_get_events_during_the_drain_and_resume_on_another_node_missing_
             resumed: list[TimedStream] = []
             try:
                 publishing.start()
-                await asyncio.sleep(0.2)
+                await wait_until_async(lambda: len(publishing.ids) >= 20, "events flowing")
                 published_before_sigterm = len(publishing.ids)
                 leaving.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
                 for stream in streams:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
+from tests.support.waiting import wait_until
 
 DRAIN = "30"
 """A drain window far longer than any wait below: a node that waited it would fail the test."""
@@ -48,12 +48,14 @@ def wait_exit(gateway: GatewayProcess) -> int:
 
 
 def wait_draining(gateway: GatewayProcess) -> None:
-    deadline = time.monotonic() + BOUND
-    while time.monotonic() < deadline:
-        if httpx.get(gateway.url + "/readyz", timeout=2).status_code == 503:
-            return
-        time.sleep(0.05)
-    pytest.fail("the node did not start draining")
+    try:
+        wait_until(
+            lambda: httpx.get(gateway.url + "/readyz", timeout=2).status_code == 503,
+            "draining",
+            BOUND,
+        )
+    except AssertionError:
+        pytest.fail("the node did not start draining")
 
 
 def test_ctrl_c_on_a_loopback_node_does_not_wait_the_drain_window(

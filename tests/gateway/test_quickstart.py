@@ -7,7 +7,11 @@ import subprocess
 import sys
 import time
 
+import redis
+
+from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
+from tests.support.waiting import let_time_pass_async, wait_until
 
 
 async def read_raw(port: int, path: str, until: bytes, timeout: float) -> tuple[bytes, list[float]]:
@@ -32,7 +36,7 @@ async def read_raw(port: int, path: str, until: bytes, timeout: float) -> tuple[
 
 
 def test_serve_without_redis_streams_preamble_heartbeats_and_published_events(
-    gateway_factory,
+    gateway_factory: GatewayFactory,
 ) -> None:
     gateway: GatewayProcess = gateway_factory(
         "--heartbeat", "0.5", "--retry-ms", "1500", "--log-level", "info"
@@ -43,7 +47,7 @@ def test_serve_without_redis_streams_preamble_heartbeats_and_published_events(
         reading = asyncio.create_task(
             read_raw(gateway.port, "/events?topic=demo", b"data: hello", timeout=15)
         )
-        await asyncio.sleep(1.8)
+        await let_time_pass_async(1.8, "a quiet stream: heartbeats every 0.5 s")
         cli = [sys.executable, "-m", "gateway.cli", "publish", "demo", "hello"]
         result = await asyncio.to_thread(
             subprocess.run, [*cli, "--url", gateway.url], capture_output=True, text=True
@@ -69,7 +73,7 @@ def test_serve_without_redis_streams_preamble_heartbeats_and_published_events(
     assert decoded.index(b": ping") < decoded.index(b"data: hello")
 
 
-def test_heartbeat_interval_follows_configuration(gateway_factory) -> None:
+def test_heartbeat_interval_follows_configuration(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory("--heartbeat", "0.4")
     raw, _ = asyncio.run(read_raw(gateway.port, "/events?topic=quiet", b"\x00", timeout=2.2))
     pings = _dechunk(raw.partition(b"\r\n\r\n")[2]).count(b": ping")
@@ -95,7 +99,7 @@ def _dechunk(body: bytes) -> bytes:
 
 
 def test_tail_prints_events_and_publish_cli_speaks_redis_directly(
-    gateway_factory, redis_url: str, prefix: str
+    gateway_factory: GatewayFactory, redis_url: str, redis_client: redis.Redis, prefix: str
 ) -> None:
     gateway = gateway_factory("--prefix", prefix, redis_url=redis_url)
     cli = [sys.executable, "-m", "gateway.cli"]
@@ -105,7 +109,12 @@ def test_tail_prints_events_and_publish_cli_speaks_redis_directly(
         text=True,
     )
     try:
-        time.sleep(1.0)
+        # tail prints events only: its stream is subscribed once Redis counts the node's
+        # subscription to the topic's channel (the node subscribes for its first client)
+        wait_until(
+            lambda: redis_client.pubsub_numsub(f"{prefix}:c:news")[0][1] == 1,
+            "the node subscribed to news for tail",
+        )
         publish = [*cli, "publish", "--url", redis_url, "--prefix", prefix]
         first = subprocess.run([*publish, "news", "plain"], capture_output=True, text=True)
         second = subprocess.run(
@@ -125,7 +134,7 @@ def test_tail_prints_events_and_publish_cli_speaks_redis_directly(
     ]
 
 
-def test_publish_cli_reports_a_refused_publish(gateway_factory) -> None:
+def test_publish_cli_reports_a_refused_publish(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory()
     cli = [sys.executable, "-m", "gateway.cli", "publish", "--url", gateway.url]
     result = subprocess.run([*cli, "bad topic", "x"], capture_output=True, text=True)

@@ -9,9 +9,10 @@ receiving every event in order. The dropped browser reconnects with its Last-Eve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
@@ -20,6 +21,7 @@ import pytest
 from tests.conftest import Node, NodeFactory
 from tests.support.gateway import open_sockets, settled_sockets
 from tests.support.sse import SSEStream, open_stream
+from tests.support.waiting import wait_until
 
 TOPIC = "feed:big"
 EVENT_SIZE = 16 * 1024
@@ -117,7 +119,7 @@ async def run_flow(node: Node, metric: str, total: int) -> Flow:
                 batch = [(TOPIC, payload(i)) for i in range(published, published + BATCH)]
                 await asyncio.to_thread(node.publisher.publish_many, batch)
                 published += BATCH
-                await healthy.wait_for(lambda s, n=published: _received(s) >= n, timeout=30)
+                await healthy.wait_for(_received_at_least(published), timeout=30)
                 rss_peak = max(rss_peak, gateway.rss_bytes())
                 check = dropped_after is None and published % (4 * BATCH) == 0
                 if check and await asyncio.to_thread(gateway.metric, metric) >= 1:
@@ -137,6 +139,10 @@ async def run_flow(node: Node, metric: str, total: int) -> Flow:
 
 def _received(stream: SSEStream) -> int:
     return sum(e.event == "message" for e in stream.events)
+
+
+def _received_at_least(count: int) -> Callable[[SSEStream], bool]:
+    return lambda stream: _received(stream) >= count
 
 
 def test_stalled_client_is_dropped_when_pending_bytes_pass_the_limit(
@@ -192,11 +198,13 @@ def test_stalled_client_is_dropped_by_the_send_timeout(
     flow = asyncio.run(run_flow(node, SEND_TIMEOUT, total))
 
     assert flow.healthy == [payload(i) for i in range(total)]
-    dropped = node.gateway.metric(SEND_TIMEOUT) + node.gateway.metric(SLOW_CONSUMER)
-    deadline = time.monotonic() + 10
-    while dropped < 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-        dropped = node.gateway.metric(SEND_TIMEOUT) + node.gateway.metric(SLOW_CONSUMER)
+
+    def dropped_count() -> float:
+        return node.gateway.metric(SEND_TIMEOUT) + node.gateway.metric(SLOW_CONSUMER)
+
+    with contextlib.suppress(AssertionError):  # checked below, with the count
+        wait_until(lambda: dropped_count() >= 1, "a dropped client", 10, step=0.2)
+    dropped = dropped_count()
     assert dropped == 1, "a client whose writes block past --send-timeout was not dropped"
 
     received, closed = stalled.drain_until_closed()
@@ -217,7 +225,7 @@ def test_a_reading_client_is_never_dropped_at_the_same_limits(node_factory: Node
                 for start in range(0, total, BATCH):
                     batch = [(TOPIC, payload(i)) for i in range(start, start + BATCH)]
                     await asyncio.to_thread(node.publisher.publish_many, batch)
-                    await stream.wait_for(lambda s, n=start + BATCH: _received(s) >= n, 30)
+                    await stream.wait_for(_received_at_least(start + BATCH), 30)
                 assert not stream.closed_by_server
                 return [e.data for e in stream.events if e.event == "message"]
             finally:
@@ -250,7 +258,8 @@ def test_a_shed_client_is_let_go_at_once_not_left_flushing(
         for _ in range(50):
             node.publish(TOPIC, payload)
 
-    deadline = time.monotonic() + 3
-    while open_sockets(node.gateway.pid) > baseline:
-        assert time.monotonic() < deadline, "the gateway still holds the shed client's socket"
-        time.sleep(0.05)
+    wait_until(
+        lambda: open_sockets(node.gateway.pid) <= baseline,
+        "the gateway to let go of the shed client's socket",
+        3,
+    )

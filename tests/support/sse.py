@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
@@ -55,7 +55,7 @@ class SSEStream:
         self.closed_by_server = True
         self._changed.set()
 
-    async def wait_for(self, predicate: Callable[[SSEStream], bool], timeout: float = 10) -> None:
+    async def wait_for(self, predicate: Callable[[Self], bool], timeout: float = 10) -> None:
         async def loop() -> None:
             while not predicate(self):
                 self._changed.clear()
