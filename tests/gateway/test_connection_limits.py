@@ -20,6 +20,7 @@ import pytest
 
 from gateway.protocol import PEER_EXTENSION, check_uvicorn, head_bound, protocol_class
 from tests.support.gateway import GatewayProcess
+from tests.support.waiting import wait_until
 
 HEAD_START = b"GET /events?topic=slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
@@ -75,7 +76,7 @@ def test_slowloris_connections_are_closed_after_the_header_timeout(
                 with contextlib.suppress(OSError):
                     sock.send(b"X-Slow-%d: y\r\n" % line)
         line += 1
-        time.sleep(0.1)
+        time.sleep(0.1)  # a header line every 0.1 s from the trickling clients
     held = len(open_)
     for sock in trickling + silent:
         sock.close()
@@ -211,9 +212,7 @@ def test_the_h11_fallback_has_the_same_limits_and_records_the_peer() -> None:
     thread = threading.Thread(target=asyncio.run, args=(server.serve(),), daemon=True)
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: server.started, "uvicorn started", 10, step=0.02)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             assert sock.recv(65536).startswith(b"HTTP/1.1 204 ")

@@ -6,7 +6,6 @@ default, with the same fields as ``key=value``. ``--forwarded-allow-ips`` reache
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from gateway.config import settings_from
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import open_stream
 from tests.support.tokens import SECRET, hs256
+from tests.support.waiting import wait_until
 
 READER = hs256(sub="alice", subscribe=["news"])
 PUBLISHER = hs256(sub="newsroom", subscribe=[], publish=["news"])
@@ -35,13 +35,6 @@ def start(nodes: list[GatewayProcess], *args: str) -> GatewayProcess:
     node = GatewayProcess("--jwt-secret", SECRET, "--log-level", "info", "--access-log", *args)
     nodes.append(node)
     return node.start()
-
-
-def wait_for_line(node: GatewayProcess, text: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in node.output():
-        assert time.monotonic() < deadline, f"no {text!r} in:\n{node.output()}"
-        time.sleep(0.02)
 
 
 def publish(node: GatewayProcess, data: str) -> None:
@@ -81,7 +74,7 @@ def test_json_lines_carry_the_stream_close_and_never_a_token(
 ) -> None:
     node = start(nodes, "--log-format", "json")
     one_stream(node)
-    wait_for_line(node, '"stream closed"')
+    node.wait_for_output('"stream closed"')
     node.stop()
     output = node.output()
     lines = [orjson.loads(line) for line in output.splitlines() if line.strip()]
@@ -112,7 +105,7 @@ def test_json_lines_carry_the_stream_close_and_never_a_token(
 def test_plain_lines_render_the_stream_close_as_key_value(nodes: list[GatewayProcess]) -> None:
     node = start(nodes)
     one_stream(node)
-    wait_for_line(node, "stream closed")
+    node.wait_for_output("stream closed")
     line = next(line for line in node.output().splitlines() if "stream closed" in line)
     assert line.startswith("INFO:"), line
     assert " subject=alice topics=1 duration_s=" in line, line
@@ -126,14 +119,17 @@ def access_client(node: GatewayProcess) -> str:
         node.url + "/healthz", headers={"x-forwarded-for": "203.0.113.7"}, timeout=5
     )
     assert response.status_code == 200
-    deadline = time.monotonic() + 10
-    while True:
+
+    def access_line() -> dict[str, Any] | None:
         for text in node.output().splitlines():
             line: dict[str, Any] = orjson.loads(text)
             if line.get("path") == "/healthz" and line["logger"] == "uvicorn.access":
-                return str(line["client"])
-        assert time.monotonic() < deadline, node.output()
-        time.sleep(0.02)
+                return line
+        return None
+
+    line = wait_until(access_line, "the access line of /healthz", 10, step=0.02)
+    assert line is not None
+    return str(line["client"])
 
 
 def test_forwarded_allow_ips_decides_whose_forwarded_address_is_trusted(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -20,17 +20,10 @@ from tests.chaos.harness import BlackholeProxy
 from tests.conftest import GatewayFactory
 from tests.support import redis_server
 from tests.support.sse import SSEStream, collect, first_event, open_stream
+from tests.support.waiting import elapsed_until, let_time_pass_async, wait_until_async
 
 BLACKHOLE_SECONDS = 11.0
 RECOVERY_LIMIT = 30.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> float:
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, f"timed out waiting until {what}"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def readyz(url: str) -> tuple[int | None, dict[str, str]]:
@@ -98,19 +91,24 @@ def test_a_node_recovers_by_itself_after_the_network_to_redis_went_black(
                 end = time.monotonic() + BLACKHOLE_SECONDS
                 while time.monotonic() < end:
                     published.append(await asyncio.to_thread(pub.publish, "x", "dark"))
-                    await asyncio.sleep(0.5)
+                    await let_time_pass_async(0.5, "two events a second while the network is black")
                 blackhole.restore()
                 healed = time.monotonic()
-                while True:
+
+                # no signal says when the node's new link is up: publish until one arrives
+                async def delivered_after_the_heal() -> bool:
                     published.append(await asyncio.to_thread(pub.publish, "x", "after"))
                     if any(e.data == "after" for e in stream.events):
-                        break
+                        return True
                     assert not stream.closed_by_server, "the stream was ended"
-                    assert time.monotonic() - healed < RECOVERY_LIMIT, "no event after the heal"
-                    await asyncio.sleep(0.2)
+                    return False
+
+                await wait_until_async(
+                    delivered_after_the_heal, "an event after the heal", RECOVERY_LIMIT, step=0.2
+                )
                 delivered = time.monotonic() - healed
                 ready = delivered + await asyncio.to_thread(
-                    wait_until, lambda: readyz(gateway.url)[0] == 200, "/readyz is 200", 15
+                    elapsed_until, lambda: readyz(gateway.url)[0] == 200, "/readyz is 200", 15
                 )
                 last = await asyncio.to_thread(pub.publish, "x", "last")
                 published.append(last)
@@ -157,12 +155,16 @@ def test_a_wrong_type_key_fails_only_its_own_topic_through_a_pubsub_reconnect(
                 await first_event(bad, lambda: pub.publish("bad", "before"))
                 redis_client.set(f"{prefix}:s:bad", "oops")
                 assert redis_client.client_kill_filter(_type="pubsub") >= 1
-                deadline = time.monotonic() + 15
-                while not any(e.data == "after" for e in good.events):
-                    assert time.monotonic() < deadline, "the other topic got nothing"
+
+                # no signal says when the node has subscribed again: publish until one arrives
+                async def good_delivers() -> bool:
+                    if any(e.data == "after" for e in good.events):
+                        return True
                     assert not good.closed_by_server, "the other topic's stream was ended"
                     await asyncio.to_thread(pub.publish, "good", "after")
-                    await asyncio.sleep(0.2)
+                    return False
+
+                await wait_until_async(good_delivers, "the other topic to get an event", 15, 0.2)
                 await bad.wait_for(lambda s: s.closed_by_server)
                 last = bad.events[-1].id
             finally:
@@ -247,7 +249,7 @@ def test_start_up_warns_about_an_eviction_policy_and_missing_replicas(
         gateway = gateway_factory(
             "--prefix", prefix, "--publish-replicas", "1", redis_url=server.url
         )
-        wait_until(lambda: "replica(s) attached" in gateway.output(), "the replicas warning")
+        gateway.wait_for_output("replica(s) attached")
         log = gateway.output()
         assert "maxmemory-policy is allkeys-lru" in log, log
         assert f"'{prefix}:clock'" in log, log

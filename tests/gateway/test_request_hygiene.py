@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from gateway.limits import MAX_TRACKED_KEYS, RateLimiter
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 SECRET = "hygiene-secret-0123456789abcdef0123456789abcdef"
 
@@ -56,16 +58,6 @@ def first_bytes(
         return response.status_code, body
 
 
-def wait_for_output(gateway: GatewayProcess, text: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        output = gateway.output()
-        if text in output:
-            return output
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} never logged:\n{gateway.output()[-3000:]}")
-
-
 def test_a_percent_encoded_token_parameter_is_redacted_in_the_access_log(
     node: GatewayProcess,
 ) -> None:
@@ -75,7 +67,7 @@ def test_a_percent_encoded_token_parameter_is_redacted_in_the_access_log(
     for name in ("%74oken", "tok%65n", "%54OKEN"):
         status, _ = first_bytes(f"{node.url}/events?topic=public:a&{name}={TOKEN}&marker={name}")
         assert status in (200, 401)
-        wait_for_output(node, f"marker={name}")
+        node.wait_for_output(f"marker={name}")
     assert secret_part not in node.output()
 
 
@@ -196,7 +188,7 @@ def test_the_jwks_url_is_logged_without_credentials() -> None:
     gateway = GatewayProcess("--jwks-url", url, "--jwks-timeout", "1")
     try:
         gateway.start()
-        output = wait_for_output(gateway, "JWKS fetch from")
+        output = gateway.wait_for_output("JWKS fetch from")
         for secret in ("keyuser", "keypass", "keyquery"):
             assert secret not in output, output[-2000:]
     finally:
@@ -235,18 +227,18 @@ def serve_until(args: list[str], text: str, timeout: float = 20) -> str:
     command = [sys.executable, "-m", "gateway.cli", "serve", "--log-level", "info", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert process.stdout is not None
+    stdout = process.stdout
     lines: list[str] = []
-    deadline = time.monotonic() + timeout
+
+    def logged_or_exited() -> bool:
+        while line := stdout.readline():
+            lines.append(line.decode())
+        return any(text in line for line in lines) or process.poll() is not None
+
     try:
-        os.set_blocking(process.stdout.fileno(), False)
-        while time.monotonic() < deadline and not any(text in line for line in lines):
-            line = process.stdout.readline()
-            if line:
-                lines.append(line.decode())
-            elif process.poll() is not None:
-                break
-            else:
-                time.sleep(0.02)
+        os.set_blocking(stdout.fileno(), False)
+        with contextlib.suppress(AssertionError):  # the caller checks what was logged
+            wait_until(logged_or_exited, repr(text), timeout, step=0.02)
     finally:
         process.terminate()
         try:

@@ -12,6 +12,7 @@ import time
 import httpx
 
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 
 class GatewayProcess:
@@ -58,6 +59,14 @@ class GatewayProcess:
     def output(self) -> str:
         with open(self.log_path, "rb") as f:
             return f.read().decode("utf-8", "replace")
+
+    def wait_for_output(self, text: str, timeout: float = 10.0) -> str:
+        """Wait until the node has logged ``text``; return its log."""
+        try:
+            wait_until(lambda: text in self.output(), f"{text!r} logged", timeout, step=0.02)
+        except AssertionError:
+            raise AssertionError(f"{text!r} never logged:\n{self.output()[-3000:]}") from None
+        return self.output()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.process is None:
