@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.waiting import wait_until
 
 Samples = dict[str, float]
 
@@ -43,16 +44,21 @@ def wait_for(
     url: str, check: Callable[[Samples], bool], timeout: float = 15.0, what: str = ""
 ) -> Samples:
     """Scrape until ``check`` holds (bounded); the samples that satisfied it."""
-    deadline = time.monotonic() + timeout
-    while True:
+    last: list[Samples] = [{}]
+
+    def checked() -> Samples | None:
         try:
-            samples = scrape(url)
+            last[0] = scrape(url)
         except httpx.TransportError:  # e.g. a worker that died with the connection queued
-            samples = {}
-        if samples and check(samples):
-            return samples
-        assert time.monotonic() < deadline, f"never true: {what or check}\n{samples}"
-        time.sleep(0.02)
+            last[0] = {}
+        return last[0] if last[0] and check(last[0]) else None
+
+    try:
+        samples = wait_until(checked, str(what or check), timeout, step=0.02)
+    except AssertionError:
+        raise AssertionError(f"never true: {what or check}\n{last[0]}") from None
+    assert samples is not None
+    return samples
 
 
 async def await_for(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from publisher import Publisher
 from tests.gateway.metrics_support import Samples, wait_for
 from tests.support.gateway import GatewayProcess, open_sockets
 from tests.support.sse import open_stream
+from tests.support.waiting import wait_until
 
 STREAMS = 12
 SCRAPES = 8
@@ -44,14 +44,19 @@ def _environ(pid: int) -> dict[str, str]:
 
 def every_scrape(url: str, check: dict[str, float], timeout: float = 15.0) -> Samples:
     """Scrape until ``SCRAPES`` scrapes in a row (from either worker) all show ``check``."""
-    deadline = time.monotonic() + timeout
-    while True:
+    shown: list[dict[str, float | None]] = []
+
+    def all_show() -> Samples | None:
         seen = [wait_for(url, lambda s: True) for _ in range(SCRAPES)]
-        shown = [{name: s.get(name) for name in check} for s in seen]
-        if all(values == check for values in shown):
-            return seen[-1]
-        assert time.monotonic() < deadline, f"never {check}: {shown}"
-        time.sleep(0.05)
+        shown[:] = [{name: s.get(name) for name in check} for s in seen]
+        return seen[-1] if all(values == check for values in shown) else None
+
+    try:
+        samples = wait_until(all_show, str(check), timeout)
+    except AssertionError:
+        raise AssertionError(f"never {check}: {shown}") from None
+    assert samples is not None
+    return samples
 
 
 def start_node(redis_url: str, prefix: str, env: dict[str, str] | None = None) -> GatewayProcess:
@@ -63,10 +68,10 @@ def start_node(redis_url: str, prefix: str, env: dict[str, str] | None = None) -
     if env:
         gateway.env.update(env)
     gateway.start()
-    deadline = time.monotonic() + 15
-    while len(_workers(gateway.pid)) < 2:
-        assert time.monotonic() < deadline, f"workers did not start:\n{gateway.output()}"
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: len(_workers(gateway.pid)) >= 2, "two workers", 15)
+    except AssertionError:
+        raise AssertionError(f"workers did not start:\n{gateway.output()}") from None
     return gateway
 
 

@@ -22,8 +22,7 @@ def test_a_message_that_is_not_a_frame_is_ignored_and_delivery_goes_on(
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as http:
             stream, task = open_stream(http, gateway.url, ["t"])
             try:
-                await stream.wait_for(lambda s: s.status == 200)
-                await asyncio.sleep(0.3)
+                await stream.until_subscribed()
                 with redis.Redis.from_url(redis_url) as client:
                     for junk in (b"hello", b"id: nope\n\n", b"\xff\xfe", b""):
                         client.publish(f"{prefix}:c:t", junk)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from collections.abc import Callable
 
 import httpx
 import orjson
 
 from tests.conftest import NodeFactory
 from tests.support.sse import SSEStream
+from tests.support.waiting import wait_until_async
 
 EVENTS = 2000
 CLIENTS = 24
@@ -30,6 +32,9 @@ def test_clients_joining_mid_burst_with_random_ids_get_exactly_what_follows(
             for seq in range(EVENTS):
                 ids.append(pub.publish("burst", {"seq": seq}))
 
+    def published(count: int) -> Callable[[], bool]:
+        return lambda: len(ids) >= count
+
     async def scenario() -> list[tuple[int, SSEStream]]:
         publisher = threading.Thread(target=publish_burst)
         clients: list[tuple[int, SSEStream]] = []
@@ -38,8 +43,7 @@ def test_clients_joining_mid_burst_with_random_ids_get_exactly_what_follows(
         async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=None), limits=limits) as http:
             publisher.start()
             for join in joins:
-                while len(ids) < join:
-                    await asyncio.sleep(0.001)
+                await wait_until_async(published(join), f"{join} published", 30, 0.001)
                 resume_from = rng.randrange(0, len(ids))
                 stream = SSEStream(node.url, ["burst"], last_event_id=ids[resume_from])
                 clients.append((resume_from, stream))

@@ -17,7 +17,8 @@ import pytest
 
 from publisher import Publisher
 from tests.support.gateway import GatewayProcess, open_sockets
-from tests.support.sse import SSEStream, open_stream
+from tests.support.sse import SSEStream, open_stream, subscribed
+from tests.support.waiting import wait_until
 
 STREAMS = 12
 
@@ -42,10 +43,10 @@ def node(redis_url: str, prefix: str) -> Iterator[GatewayProcess]:
     gateway = GatewayProcess(
         "--workers", "2", "--prefix", prefix, "--drain-seconds", "1", redis_url=redis_url
     ).start()
-    deadline = time.monotonic() + 15
-    while len(_workers(gateway.pid)) < 2 or not _all_ready(gateway):
-        assert time.monotonic() < deadline, f"workers did not start:\n{gateway.output()}"
-        time.sleep(0.1)
+    try:
+        wait_until(lambda: len(_workers(gateway.pid)) >= 2 and _all_ready(gateway), "workers", 15)
+    except AssertionError:
+        raise AssertionError(f"workers did not start:\n{gateway.output()}") from None
     yield gateway
     gateway.close()
 
@@ -72,9 +73,7 @@ def test_streams_spread_over_the_workers_and_each_gets_every_event(
         opened = [open_stream(client, node.url, ["orders"]) for client in clients]
         streams = [stream for stream, _ in opened]
         try:
-            for stream in streams:
-                await stream.wait_for(lambda s: s.status is not None)
-            await asyncio.sleep(0.5)
+            await subscribed(*streams)
             held = {pid: open_sockets(pid) - before[pid] for pid in workers}
             assert all(count > 0 for count in held.values()), f"streams per worker: {held}"
             with Publisher.from_url(redis_url, prefix=prefix) as pub:
@@ -106,17 +105,13 @@ def test_sigterm_stops_every_worker_within_the_drain_window(node: GatewayProcess
 def test_a_worker_that_dies_is_replaced(node: GatewayProcess) -> None:
     first = _workers(node.pid)
     os.kill(first[0], signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while True:
+
+    def replaced() -> bool:
         now = _workers(node.pid)
-        if len(now) == 2 and first[0] not in now:
-            break
-        assert time.monotonic() < deadline, f"no replacement: {now}"
-        time.sleep(0.1)
-    deadline = time.monotonic() + 15
-    while not _all_ready(node):
-        assert time.monotonic() < deadline, "the new worker never became ready"
-        time.sleep(0.1)
+        return len(now) == 2 and first[0] not in now
+
+    wait_until(replaced, "a replacement worker", 15, step=0.1)
+    wait_until(lambda: _all_ready(node), "the new worker ready", 15, step=0.1)
 
 
 def _is_zombie(pid: int) -> bool:
