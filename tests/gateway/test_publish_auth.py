@@ -27,7 +27,7 @@ from publisher import AsyncPublisher, Publisher, PublishError
 from publisher.protocol import id_key
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
-from tests.support.sse import SSEStream, until_subscribed
+from tests.support.sse import SSEStream
 
 SECRET = "acceptance-6-publish-secret-0123456789abcdef"
 OTHER_SECRET = "not-the-gateway-secret-0123456789abcdef"
@@ -305,13 +305,13 @@ def authorised_stream(base_url: str, topics: Sequence[str], token: str) -> SSESt
 
 
 async def read_until(
-    stream: SSEStream, client: httpx.AsyncClient, probe: Publisher, topic: str, scenario: Any
+    stream: SSEStream, client: httpx.AsyncClient, scenario: Any
 ) -> list[tuple[str, str, str]]:
-    """Subscribe ``stream`` (probing through ``probe``), run ``scenario()``, which returns the
-    ids it published, and return the (id, event, data) the stream got, probes left out."""
+    """Subscribe ``stream``, run ``scenario()``, which returns the ids it published, and
+    return the (id, event, data) the stream got."""
     task = asyncio.create_task(stream.read(client))
     try:
-        await until_subscribed(stream, probe.publish, [topic])
+        await stream.until_subscribed()
         assert stream.status == 200
         ids: list[str] = await scenario()
         await stream.wait_for(lambda s: any(e.id == ids[-1] for e in s.events))
@@ -339,7 +339,7 @@ def test_the_sync_http_publisher_round_trips_events_to_a_subscriber(secured: Sec
             timeout = httpx.Timeout(10, read=None)
             async with httpx.AsyncClient(timeout=timeout) as client:
                 stream = authorised_stream(secured.url, [topic], reader)
-                received = await read_until(stream, client, pub, topic, scenario)
+                received = await read_until(stream, client, scenario)
         return received, sent
 
     received, sent = asyncio.run(run())
@@ -367,10 +367,9 @@ def test_the_async_http_publisher_round_trips_events_to_a_subscriber(secured: Se
                 return sent
 
             timeout = httpx.Timeout(10, read=None)
-            with Publisher.from_url(secured.url, token=WRITER) as probe:
-                async with httpx.AsyncClient(timeout=timeout) as client:
-                    stream = authorised_stream(secured.url, [topic], reader)
-                    received = await read_until(stream, client, probe, topic, scenario)
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                stream = authorised_stream(secured.url, [topic], reader)
+                received = await read_until(stream, client, scenario)
         return received, sent
 
     received, sent = asyncio.run(run())

@@ -17,7 +17,7 @@ from gateway.config import is_loopback_address as _is_loopback
 from publisher.protocol import id_key
 from tests.conftest import Node
 from tests.support.gateway import GatewayProcess
-from tests.support.sse import SSEStream, open_stream, until_subscribed
+from tests.support.sse import SSEStream, open_stream
 
 LIMIT = 16 * 1024
 
@@ -57,9 +57,9 @@ def assert_json_error(response: httpx.Response, status: int, error: str | None =
 async def _subscribed(
     node: Node, client: httpx.AsyncClient, topics: list[str]
 ) -> tuple[SSEStream, asyncio.Task[None]]:
-    """Open a stream and return once it is subscribed (a probe event reached it)."""
+    """Open a stream and return once it is subscribed (its ``: ok`` arrived)."""
     stream, task = open_stream(client, node.url, topics)
-    await until_subscribed(stream, node.publish, topics)
+    await stream.until_subscribed()
     return stream, task
 
 
@@ -67,7 +67,7 @@ async def _post_and_collect(
     node: Node, topics: list[str], bodies: list[Any], settle: str
 ) -> tuple[list[httpx.Response], SSEStream]:
     """POST each body while subscribed to ``topics``, then publish ``settle`` (an event named
-    ``settle``) and return everything the stream got before it, probes left out."""
+    ``settle``) and return everything the stream got before it."""
     async with httpx.AsyncClient(base_url=node.url, timeout=httpx.Timeout(10, read=None)) as client:
         stream, task = await _subscribed(node, client, topics)
         try:
@@ -81,7 +81,7 @@ async def _post_and_collect(
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    stream.events = [e for e in stream.events if e.event not in ("probe", "settle")]
+    stream.events = [e for e in stream.events if e.event != "settle"]
     return responses, stream
 
 

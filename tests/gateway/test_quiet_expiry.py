@@ -12,7 +12,6 @@ with the heartbeat.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import orjson
@@ -30,7 +29,8 @@ from gateway.engines.base import (
 )
 from publisher.protocol import id_key, id_ms
 from tests.conftest import Node, NodeFactory
-from tests.support.sse import SSEStream, collect, open_stream, until_subscribed
+from tests.support.sse import SSEStream, collect, first_event, open_stream
+from tests.support.waiting import let_time_pass_async, wait_until
 
 MAX_AGE = 2.0
 
@@ -39,18 +39,16 @@ def wait_until_expired(node: Node, topic: str, last_id: str, max_age: float = MA
     """Until ``topic``'s whole history is gone: its stream key for Redis; for the embedded
     engine, which forgets a quiet topic at a publish, one publish to another topic made more
     than the retention age after ``last_id``."""
-    deadline = time.monotonic() + max_age + 10
+    timeout = max_age + 10
     if node.redis is not None:
-        while node.redis.exists(f"{node.prefix}:s:{topic}"):
-            assert time.monotonic() < deadline, "the quiet stream never expired"
-            time.sleep(0.05)
+        client, key = node.redis, f"{node.prefix}:s:{topic}"
+        wait_until(lambda: not client.exists(key), "the quiet stream to expire", timeout)
         return
-    while True:
-        assert time.monotonic() < deadline, "the retention age never passed"
-        trigger = node.publish("elsewhere", "tick")
-        if id_ms(trigger) > id_ms(last_id) + max_age * 1000:
-            return
-        time.sleep(0.05)
+    wait_until(
+        lambda: id_ms(node.publish("elsewhere", "tick")) > id_ms(last_id) + max_age * 1000,
+        "the retention age to pass",
+        timeout,
+    )
 
 
 def first_events(node: Node, topics: list[str], count: int, last_event_id: str) -> SSEStream:
@@ -96,13 +94,19 @@ def test_a_topic_that_expired_and_was_published_again_is_told_reset(
     assert (event.id, event.data) == (again, "after the expiry")
 
 
+async def probed(node: Node, stream: SSEStream, topics: str | list[str]) -> str:
+    """Once ``stream`` is subscribed, publish one ``probe`` event to ``topics`` and wait for
+    it (the stream is then past its replay); its id."""
+    return await first_event(stream, lambda: node.publish(topics, "probe", "probe"))
+
+
 async def events_until_subscribed(node: Node, topics: list[str], position: str) -> list[str]:
-    """Connect with ``position``, then publish ``probe`` events to ``topics`` until one arrives:
+    """Connect with ``position``, then publish a ``probe`` event to ``topics`` once subscribed:
     the names of the events before it and of it (a ``reset`` comes first)."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
         stream, task = open_stream(client, node.url, topics, last_event_id=position)
         try:
-            await until_subscribed(stream, node.publish, topics)
+            await probed(node, stream, topics)
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -135,15 +139,15 @@ def test_a_live_client_on_a_quiet_topic_keeps_a_position_that_is_not_reset(
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
             busy, busy_task = open_stream(client, node.url, ["busy"])
             quiet, quiet_task = open_stream(client, node.url, ["t"])
-            await until_subscribed(busy, node.publish, "busy")
-            await until_subscribed(quiet, node.publish, "t")
+            await probed(node, busy, "busy")
+            await probed(node, quiet, "t")
             last_event = quiet.events[-1].id
             stop = asyncio.Event()
 
             async def keep_busy() -> None:
                 while not stop.is_set():
                     await asyncio.to_thread(node.publish, "busy", "tick")
-                    await asyncio.sleep(0.2)
+                    await let_time_pass_async(0.2, "the busy topic's pace: 5 events a second")
 
             publishing = asyncio.create_task(keep_busy())
             try:
@@ -181,7 +185,7 @@ def test_a_quiet_node_keeps_its_clients_positions_up_with_the_clock(
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
             quiet, quiet_task = open_stream(client, node.url, ["t"])
             try:
-                await until_subscribed(quiet, node.publish, "t")
+                await probed(node, quiet, "t")
                 last_event = quiet.events[-1].id
                 elsewhere = await asyncio.to_thread(node.publish, "elsewhere", "x")
                 await quiet.wait_for(lambda s: id_key(s.parser.last_id) >= id_key(elsewhere))

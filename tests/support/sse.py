@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Self
 
 import httpx
 
@@ -111,18 +111,3 @@ async def first_event(stream: SSEStream, publish: Callable[[], str], timeout: fl
     event_id = await asyncio.to_thread(publish)
     await stream.wait_for(lambda s: any(e.id == event_id for e in s.events), timeout)
     return event_id
-
-
-async def until_subscribed(
-    stream: SSEStream, publish: Callable[..., Any], topics: Any, event: str = "probe"
-) -> None:
-    """Publish ``event`` events until one reaches ``stream``: from then on the stream (and any
-    client that connected before it) is subscribed, and nothing published is missed."""
-    sent = 0
-    while not any(e.event == event for e in stream.events):
-        sent += 1
-        assert sent <= 100, f"the stream never got a {event} event"
-        await asyncio.to_thread(publish, topics, f"{event}-{sent}", event)
-        await asyncio.sleep(0.1)
-    last = f"{event}-{sent}"
-    await stream.wait_for(lambda s: any(e.data == last for e in s.events))
