@@ -19,8 +19,9 @@ from tests.support.sse import open_stream
 from tests.support.tokens import SECRET, hs256
 from tests.support.waiting import wait_until
 
-READER = hs256(sub="alice", subscribe=["news"])
-PUBLISHER = hs256(sub="newsroom", subscribe=[], publish=["news"])
+# Minted at import: valid however long the suite runs.
+READER = hs256(sub="alice", subscribe=["news"], ttl=24 * 3600)
+PUBLISHER = hs256(sub="newsroom", subscribe=[], publish=["news"], ttl=24 * 3600)
 
 
 @pytest.fixture

@@ -30,9 +30,10 @@ from tests.support.tokens import SECRET, hs256
 TIMEOUT = httpx.Timeout(10, read=None)
 MAX_PENDING = 64 * 1024
 BIG = "x" * (60 * 1024)
-READER = hs256(sub="alice", subscribe=["news", "old", "slow"])
-PUBLISHER = hs256(sub="pub", subscribe=[], publish=["*"])
-NOT_A_PUBLISHER = hs256(sub="bob", subscribe=["news"])
+# Minted at import: valid however long the suite runs.
+READER = hs256(sub="alice", subscribe=["news", "old", "slow"], ttl=24 * 3600)
+PUBLISHER = hs256(sub="pub", subscribe=[], publish=["*"], ttl=24 * 3600)
+NOT_A_PUBLISHER = hs256(sub="bob", subscribe=["news"], ttl=24 * 3600)
 
 
 def k(name: str, **labels: str) -> str:

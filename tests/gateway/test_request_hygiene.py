@@ -30,7 +30,7 @@ def mint(ttl: float = 600, **claims: Any) -> str:
     return jwt.encode(body, SECRET, algorithm="HS256")
 
 
-TOKEN = mint()
+TOKEN = mint(ttl=24 * 3600)  # minted at import: valid however long the suite runs
 
 
 @pytest.fixture(scope="module")
