@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -22,6 +21,7 @@ from publisher.protocol import Keys
 from publisher.sse import EventParser, ServerEvent
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import collect
+from tests.support.waiting import let_time_pass, wait_until, wait_until_async
 
 JOB_FIELDS = {"job", "jobId", "epochMs", "progress"}
 ENDS = ("completed", "failed")
@@ -70,9 +70,7 @@ def test_demo_publisher_runs_jobs_that_complete_or_fail() -> None:
         await engine.subscribe(JOBS_TOPIC)
         demo = DemoPublisher(engine, job_every=0.01, tick=0.001, rng=random.Random(7))
         demo.start()
-        async with asyncio.timeout(20):
-            while demo.count < 16:
-                await asyncio.sleep(0.01)
+        await wait_until_async(lambda: demo.count >= 16, "16 demo jobs", 20, step=0.01)
         await demo.stop()
         assert all(task.done() for task in demo._jobs)
         parser = EventParser()
@@ -150,10 +148,7 @@ def test_the_demo_publisher_stops_when_the_node_drains(
         "--demo", "--prefix", prefix, "--drain-seconds", "4", redis_url=redis_url
     )
     stream_key = Keys(prefix).stream(JOBS_TOPIC)
-    deadline = time.monotonic() + 15
-    while not redis_client.xlen(stream_key):
-        assert time.monotonic() < deadline, "the demo published nothing"
-        time.sleep(0.05)
+    wait_until(lambda: redis_client.xlen(stream_key), "the demo to publish", 15)
     with (
         httpx.Client(timeout=httpx.Timeout(5, read=None)) as client,
         # an open stream keeps the node draining for a while
@@ -161,10 +156,9 @@ def test_the_demo_publisher_stops_when_the_node_drains(
     ):
         assert gateway.process is not None
         gateway.process.send_signal(signal.SIGTERM)
-        while client.get(gateway.url + "/readyz").status_code != 503:
-            assert time.monotonic() < deadline
+        wait_until(lambda: client.get(gateway.url + "/readyz").status_code == 503, "draining")
         before = redis_client.xrevrange(stream_key, count=1)
-        time.sleep(1.0)  # five progress ticks of a running job
+        let_time_pass(1.0, "five progress ticks of a running job")
         assert gateway.process.poll() is None, "the node is still draining"
         assert redis_client.xrevrange(stream_key, count=1) == before
     gateway.process.wait(15)

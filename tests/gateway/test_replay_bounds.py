@@ -10,6 +10,7 @@ events arrive during the replay than the budget could hold.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -24,6 +25,7 @@ from gateway.client import EventParser, ServerEvent, stream_url
 from publisher.protocol import key_to_id
 from tests.conftest import GatewayFactory, NodeFactory
 from tests.support.sse import collect
+from tests.support.waiting import let_time_pass_async, wait_until, wait_until_async
 
 ATTACK_TOPICS = [f"history:{i}" for i in range(8)]
 ATTACK_EVENTS = 2000
@@ -82,13 +84,19 @@ def test_clients_that_ask_for_all_history_and_never_read_cannot_pin_memory(
     slowest = 0.0
     attackers = [NonReader(gateway.port, ATTACK_TOPICS) for _ in range(ATTACKERS)]
     try:
-        deadline = time.monotonic() + 60
-        while (dropped := gateway.metric(SEND_TIMEOUT)) < ATTACKERS:
-            if time.monotonic() > deadline:
-                break
+
+        def all_dropped() -> bool:
+            """Samples RSS and /healthz's latency while the stalled streams are dropped."""
+            nonlocal peak, slowest
+            if gateway.metric(SEND_TIMEOUT) >= ATTACKERS:
+                return True
             peak = max(peak, gateway.rss_bytes())
             slowest = max(slowest, _healthz_seconds(gateway.url))
-            time.sleep(0.1)
+            return False
+
+        with contextlib.suppress(AssertionError):  # checked below, with the count
+            wait_until(all_dropped, "every stalled stream dropped", 60, step=0.1)
+        dropped = gateway.metric(SEND_TIMEOUT)
     finally:
         for attacker in attackers:
             attacker.close()
@@ -118,7 +126,7 @@ async def _read_slowly(
             if any(e.data == until for e in events[-50:]):
                 return False
             if time.monotonic() - start < slow_for:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a slow reader: a pause after each read
             done.set()
     return True
 
@@ -306,21 +314,20 @@ def test_a_backfill_that_cannot_keep_the_live_frames_reads_on_from_history(
             await engine.subscribe("a")
             thread.start()
             for _ in range(5):
-                await asyncio.sleep(0.3)  # events flow meanwhile
-                deadline = time.monotonic() + 10
+                await let_time_pass_async(0.3, "events flow between two kills")
                 # The link may still be coming back from the last kill: kill it once it is up.
-                while not await asyncio.to_thread(redis_client.client_kill_filter, _type="pubsub"):
-                    assert time.monotonic() < deadline, "the pub/sub link never came back"
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
+                await wait_until_async(
+                    lambda: asyncio.to_thread(redis_client.client_kill_filter, _type="pubsub"),
+                    "the pub/sub link to come back (and be killed)",
+                )
+            await let_time_pass_async(0.5, "events flow after the last kill")
         finally:
             stop.set()
             await asyncio.to_thread(thread.join)
         try:
-            deadline = time.monotonic() + 10
-            while not received or received[-1] != published[-1]:
-                assert time.monotonic() < deadline, "the last event never arrived"
-                await asyncio.sleep(0.05)
+            await wait_until_async(
+                lambda: bool(received) and received[-1] == published[-1], "the last event"
+            )
         finally:
             await engine.close()
         return received, lost
