@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import httpx
 import orjson
@@ -24,6 +24,7 @@ from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream, open_stream
+from tests.support.waiting import let_time_pass_async, wait_until
 
 
 class Publishing:
@@ -42,7 +43,7 @@ class Publishing:
         while not self._stop.is_set():
             topics = self.ROTATION[len(self.ids) % 3]
             self.ids.append(self.publisher.publish(topics, f"e{len(self.ids)}"))
-            time.sleep(self.period)
+            time.sleep(self.period)  # the publisher's pace
 
     def publish(self, topics: list[str], data: str) -> str:
         event_id = self.publisher.publish(topics, data)
@@ -67,13 +68,6 @@ def publishing(redis_url: str, prefix: str) -> Iterator[Publishing]:
     scene = Publishing(redis_url, prefix)
     yield scene
     scene.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 def subscribed(client: redis.Redis, prefix: str, topics: list[str]) -> bool:
@@ -108,7 +102,7 @@ def test_clients_stay_connected_through_pubsub_kills_and_miss_nothing(
                 await stream.wait_for(lambda s: ready in ids(s))
                 publishing.start()
                 for _ in range(3):
-                    await asyncio.sleep(0.4)
+                    await let_time_pass_async(0.4, "events flow between two kills")
                     killed = redis_client.client_kill_filter(_type="pubsub")
                     assert killed >= 1
                     await asyncio.to_thread(
@@ -116,7 +110,7 @@ def test_clients_stay_connected_through_pubsub_kills_and_miss_nothing(
                         lambda: subscribed(redis_client, prefix, ["a", "b"]),
                         "the node subscribed again",
                     )
-                await asyncio.sleep(0.4)
+                await let_time_pass_async(0.4, "events flow after the last kill")
                 await asyncio.to_thread(publishing.stop)
                 end = await asyncio.to_thread(publishing.publish, ["a", "b"], "end")
                 await stream.wait_for(lambda s: s.closed_by_server or end in ids(s))
@@ -215,7 +209,10 @@ def test_each_running_node_listens_on_a_probe_channel_of_its_own(
     ]
 
     def probe_channels() -> list[bytes]:
-        return sorted(redis_client.pubsub_channels(f"{prefix}:probe:*"))
+        return sorted(
+            c.encode() if isinstance(c, str) else c
+            for c in redis_client.pubsub_channels(f"{prefix}:probe:*")
+        )
 
     wait_until(lambda: len(probe_channels()) == 2, "both nodes listen on a probe channel")
     channels = probe_channels()
@@ -275,7 +272,7 @@ class BlackholeProxy:
         with contextlib.suppress(OSError):
             while not self.closed:
                 if port in self.frozen_ports:
-                    time.sleep(0.02)
+                    time.sleep(0.02)  # a frozen link: nothing is read, nothing forwarded
                     continue
                 data = source.recv(65536)
                 if not data:
@@ -334,7 +331,7 @@ def test_the_self_probe_replaces_a_silent_link_and_backfills_what_it_missed(
                 await stream.wait_for(lambda s: ready in ids(s))
                 (link,) = pubsub_ports() & set(proxy.upstream_ports)
                 publishing.start()
-                await asyncio.sleep(0.3)
+                await let_time_pass_async(0.3, "events flow before the link goes silent")
                 proxy.freeze(link)
                 await asyncio.to_thread(
                     wait_until,
@@ -342,7 +339,7 @@ def test_the_self_probe_replaces_a_silent_link_and_backfills_what_it_missed(
                     "the node opened a new pub/sub link",
                     8,
                 )
-                await asyncio.sleep(0.5)
+                await let_time_pass_async(0.5, "events flow on the new link")
                 await asyncio.to_thread(publishing.stop)
                 end = await asyncio.to_thread(publishing.publish, ["a", "b"], "end")
                 await stream.wait_for(lambda s: s.closed_by_server or end in ids(s))
