@@ -187,7 +187,8 @@ def spelled_defaults(module: str, source: str) -> list[str]:
             pairs += [(a.arg, d) for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)]
         for name, default in pairs:
             if name in SHARED_SETTINGS and literal(default):
-                found.append(f"{module}:{node.lineno}: {name} defaults to a value, not a name")
+                line = getattr(node, "lineno", 0)
+                found.append(f"{module}:{line}: {name} defaults to a value, not a name")
     return found
 
 

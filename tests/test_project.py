@@ -51,7 +51,7 @@ LINTED = ["gateway", "publisher", "tests", "examples", "bench", "deploy"]
     [
         ["ruff", "check", *LINTED],
         ["ruff", "format", "--check", *LINTED, "README.md"],
-        ["mypy", "--strict", "gateway", "publisher"],
+        ["mypy", "--strict", "gateway", "publisher", "tests"],
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict"],
 )

@@ -20,6 +20,7 @@ from gateway.demo import TOPICS
 from publisher import Publisher
 from publisher.protocol import Keys, id_key
 from tests.conftest import GatewayFactory
+from tests.support.redis_server import stream_entries
 
 WAIT_MS = 30_000
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,8 +63,8 @@ def held_ids(client: redis.Redis, prefix: str, first: str, last: str) -> list[st
     keys = Keys(prefix)
     ids: set[str] = set()
     for topic in TOPICS:
-        for entry_id, _ in client.xrange(keys.stream(topic), first, last):
-            ids.add(entry_id.decode())
+        for entry_id, _ in stream_entries(client, keys.stream(topic), first, last):
+            ids.add(entry_id)
     return sorted(ids, key=id_key)
 
 

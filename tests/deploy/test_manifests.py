@@ -132,7 +132,7 @@ def compose_nodes() -> list[NodeConfig]:
 
 def k8s_container() -> dict[str, Any]:
     (container,) = k8s_kind("Deployment")["spec"]["template"]["spec"]["containers"]
-    return container
+    return dict(container)
 
 
 def k8s_node() -> NodeConfig:

@@ -394,7 +394,7 @@ def test_a_token_is_accepted_from_the_header_the_query_or_the_cookie(
 def test_the_header_wins_over_the_query_which_wins_over_the_cookie(hs: httpx.Client) -> None:
     good = hs256(subscribe=["user:alice"])
     bad = hs256(WRONG_SECRET, subscribe=["user:alice"])
-    params = [("topic", "user:alice")]
+    params: list[tuple[str, str | int | float | bool | None]] = [("topic", "user:alice")]
 
     def send(header: str | None, query: str | None, cookie: str | None) -> httpx.Response:
         headers = {"accept": "text/event-stream"}

@@ -137,6 +137,10 @@ async def accepted_again(
         await asyncio.sleep(0.05)
 
 
+def has_event(name: str) -> Callable[[SSEStream], bool]:
+    return lambda stream: any(e.event == name for e in stream.events)
+
+
 async def still_delivering(
     streams: Sequence[SSEStream], publish: Callable[..., str], topic: str, label: str
 ) -> None:
@@ -145,7 +149,7 @@ async def still_delivering(
     for n, stream in enumerate(streams):
         await stream.until_subscribed()
         await asyncio.to_thread(publish, [topic], f"{label}-{n}", f"{label}-{n}")
-        await stream.wait_for(lambda s, name=f"{label}-{n}": any(e.event == name for e in s.events))
+        await stream.wait_for(has_event(f"{label}-{n}"))
 
 
 # -- connection limits --------------------------------------------------------------------------

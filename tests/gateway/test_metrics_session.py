@@ -309,6 +309,7 @@ def test_a_lost_link_counts_one_reconnect_and_exactly_its_backfill(
     counted down, then up again once, however many connects were refused meanwhile."""
     node = gateway_factory("--prefix", prefix, "--probe-interval", "0", redis_url=redis_url)
     limit = redis_client.config_get("maxclients")["maxclients"]
+    assert limit is not None
 
     async def scenario() -> None:
         with Publisher.from_url(redis_url, prefix=prefix) as pub:

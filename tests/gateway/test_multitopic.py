@@ -32,6 +32,7 @@ def test_an_event_published_to_two_subscribed_topics_arrives_once(node: Node) ->
 
 
 def test_one_id_resumes_every_topic_in_id_order(node: Node) -> None:
+    plan: list[tuple[str | list[str], int]]
     plan = [("a", 0), (["a", "b"], 1), ("c", 2), ("b", 3), (["a", "c"], 4), ("d", 5)]
     plan += [("c", 6), ("a", 7), (["b", "c"], 8), ("b", 9)]
     ids = [node.publish(topics, {"n": n}) for topics, n in plan]

@@ -39,7 +39,9 @@ def api(request: pytest.FixtureRequest) -> Iterator[httpx.Client]:
         gateway.close()
 
 
-def assert_json_error(response: httpx.Response, status: int, error: str | None = None) -> dict:
+def assert_json_error(
+    response: httpx.Response, status: int, error: str | None = None
+) -> dict[str, Any]:
     assert response.status_code == status, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     body = response.json()
@@ -195,7 +197,7 @@ def test_unknown_field_is_named(api: httpx.Client) -> None:
     ids=["space", "second-of-two", "star", "too-long", "non-ascii", "empty"],
 )
 def test_invalid_topic_is_a_400_naming_it(
-    api: httpx.Client, payload: dict, named: str | None
+    api: httpx.Client, payload: dict[str, Any], named: str | None
 ) -> None:
     body = assert_json_error(api.post("/publish", json=payload), 400, "invalid_topic")
     if named is not None:

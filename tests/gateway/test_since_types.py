@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import Node
+from tests.conftest import Node, NodeFactory
 from tests.support.sse import collect, open_stream
 from tests.support.waiting import let_time_pass_async
 
@@ -118,7 +118,9 @@ def test_last_event_id_wins_over_since(node: Node) -> None:
     assert stream.data() == ["e3"]
 
 
-def test_a_filtered_stream_keeps_the_browsers_last_event_id_current(node_factory) -> None:
+def test_a_filtered_stream_keeps_the_browsers_last_event_id_current(
+    node_factory: NodeFactory,
+) -> None:
     """Skipped events still move the client's position (an id line with no data), so a
     reconnect does not replay what the filter already skipped."""
     node = node_factory("--heartbeat", "0.3")

@@ -15,6 +15,7 @@ from gateway.client import ServerEvent
 from publisher import AsyncPublisher, Message, Publisher, PublishError
 from publisher._http import HttpTransport
 from publisher.protocol import id_key, serialize_data
+from tests.conftest import GatewayFactory
 from tests.support.ports import free_port
 from tests.support.sse import open_stream
 
@@ -30,7 +31,7 @@ async def publish_while_subscribed(
     async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
         stream, task = open_stream(client, base_url, topics, since=0)
         try:
-            await stream.wait_for(lambda s: "ok" in s.parser.comments)
+            await stream.until_subscribed()
             ids = await publish()
             await stream.wait_for(lambda s: len(s.events) >= expect)
         finally:
@@ -40,7 +41,7 @@ async def publish_while_subscribed(
     return ids, stream.events
 
 
-def test_sync_publisher_over_http_reaches_a_subscriber(gateway_factory) -> None:
+def test_sync_publisher_over_http_reaches_a_subscriber(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory()
 
     async def publish() -> list[str]:
@@ -64,7 +65,7 @@ def test_sync_publisher_over_http_reaches_a_subscriber(gateway_factory) -> None:
     ]
 
 
-def test_async_publisher_over_http_reaches_a_subscriber(gateway_factory) -> None:
+def test_async_publisher_over_http_reaches_a_subscriber(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory()
 
     async def publish() -> list[str]:
@@ -88,7 +89,7 @@ def test_async_publisher_over_http_reaches_a_subscriber(gateway_factory) -> None
     ids=["bytes", "datetime", "uuid"],
 )
 def test_data_reaches_subscribers_as_the_same_text_as_over_redis(
-    gateway_factory, data: object
+    gateway_factory: GatewayFactory, data: object
 ) -> None:
     """Whatever the transport, a value is encoded once by the same rules (serialize_data):
     bytes are UTF-8 text, and values orjson renders as JSON strings keep their quotes."""
@@ -103,7 +104,7 @@ def test_data_reaches_subscribers_as_the_same_text_as_over_redis(
 
 
 def test_a_publish_the_gateway_refuses_raises_publish_error_with_the_status(
-    gateway_factory,
+    gateway_factory: GatewayFactory,
 ) -> None:
     gateway = gateway_factory("--max-publish-bytes", "200")
     with Publisher.from_url(gateway.url) as pub:
@@ -116,7 +117,7 @@ def test_a_publish_the_gateway_refuses_raises_publish_error_with_the_status(
 
 
 def test_a_bad_request_from_the_gateway_is_a_publish_error_naming_the_problem(
-    gateway_factory,
+    gateway_factory: GatewayFactory,
 ) -> None:
     gateway = gateway_factory()
     # What the gateway refuses with 400 (here: a topic the local checks would have caught).
@@ -131,7 +132,7 @@ def test_a_bad_request_from_the_gateway_is_a_publish_error_naming_the_problem(
     assert "invalid topic" in str(info.value)
 
 
-def test_a_url_that_is_not_a_gateway_is_a_publish_error(gateway_factory) -> None:
+def test_a_url_that_is_not_a_gateway_is_a_publish_error(gateway_factory: GatewayFactory) -> None:
     gateway = gateway_factory()
     with Publisher.from_url(gateway.url + "/not-here") as pub, pytest.raises(PublishError) as info:
         pub.publish("t", 1)

@@ -20,7 +20,7 @@ from publisher.protocol import Keys, idempotency_digest
 from publisher.redis_transport import sentinel_target
 from tests.conftest import Node
 from tests.support import redis_server
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, stream_entries
 from tests.support.sse import collect, open_stream
 from tests.support.tokens import assert_error
 
@@ -47,8 +47,8 @@ def test_the_same_key_twice_returns_the_first_id_and_stores_one_entry(
     again = publisher.publish("orders", {"n": 1}, idempotency_key="order-17-shipped")
 
     assert again == first
-    entries = redis_client.xrange(stream_key(prefix, "orders"))
-    assert [entry_id.decode() for entry_id, _ in entries] == [first]
+    entries = stream_entries(redis_client, stream_key(prefix, "orders"))
+    assert [entry_id for entry_id, _ in entries] == [first]
 
 
 def test_a_retry_is_recognised_by_its_key_alone(
@@ -182,7 +182,7 @@ def test_a_failed_publish_does_not_use_up_its_key(
     event_id = publisher.publish("orders", "x", idempotency_key="after-failure")
 
     stored = [
-        entry_id.decode() for entry_id, _ in redis_client.xrange(stream_key(prefix, "orders"))
+        entry_id for entry_id, _ in stream_entries(redis_client, stream_key(prefix, "orders"))
     ]
     assert stored == [event_id], "the retry returned an id that was never stored"
 

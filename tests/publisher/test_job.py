@@ -19,6 +19,7 @@ import redis
 
 from publisher import AsyncPublisher, Publisher
 from publisher.protocol import Keys
+from tests.support.redis_server import stream_entries
 
 
 class FakeClock:
@@ -40,7 +41,7 @@ def pub(redis_url: str, prefix: str) -> Iterator[Publisher]:
 def events_of(client: redis.Redis, prefix: str, topic: str) -> list[tuple[str, dict[str, Any]]]:
     """(event name, data) of every event stored for ``topic``, in order."""
     events = []
-    for _, fields in client.xrange(Keys(prefix).stream(topic)):
+    for _, fields in stream_entries(client, Keys(prefix).stream(topic)):
         lines = fields[b"f"].decode().splitlines()
         name = lines[0].removeprefix("event: ")
         data = orjson.loads("\n".join(line.removeprefix("data: ") for line in lines[1:] if line))

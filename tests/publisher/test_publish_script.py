@@ -19,7 +19,7 @@ import redis.exceptions
 from publisher import NotReplicated, Publisher
 from publisher.protocol import id_key
 from tests.support import redis_server
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, stream_entries
 
 U64 = (1 << 64) - 1
 
@@ -91,8 +91,8 @@ def test_a_stream_ahead_of_the_clock_raises_the_id_instead_of_failing_half_way(
 
     assert id_key(event_id) > id_key(ahead)
     for topic in ("behind", "ahead"):
-        newest = redis_client.xrevrange(f"{prefix}:s:{topic}", count=1)
-        assert newest[0][0].decode() == event_id
+        newest = stream_entries(redis_client, f"{prefix}:s:{topic}", count=1, newest_first=True)
+        assert newest[0][0] == event_id
     assert redis_client.get(f"{prefix}:clock") == event_id.encode()
 
 

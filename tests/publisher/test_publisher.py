@@ -23,6 +23,7 @@ import redis
 
 from publisher import AsyncPublisher, Publisher, Retention
 from publisher.protocol import Keys, encode_body, id_key
+from tests.support.redis_server import stream_entries
 
 ID = re.compile(r"(\d+)-(\d+)")
 
@@ -36,7 +37,7 @@ def strictly_increasing(values: list[int]) -> bool:
 
 
 def entries(client: redis.Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
-    return [(i.decode(), fields) for i, fields in client.xrange(stream)]
+    return stream_entries(client, stream)
 
 
 @pytest.fixture

@@ -135,3 +135,32 @@ def redis_url() -> Iterator[str]:
         yield server.url
     finally:
         server.close()
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def stream_entries(
+    client: redis.Redis,
+    key: str,
+    first: str = "-",
+    last: str = "+",
+    *,
+    count: int | None = None,
+    newest_first: bool = False,
+) -> list[tuple[str, dict[bytes, bytes]]]:
+    """The entries of the Redis stream ``key`` (XRANGE, or XREVRANGE if ``newest_first``):
+    each id as text, with its fields."""
+    if newest_first:
+        raw = client.xrevrange(key, last, first, count)
+    else:
+        raw = client.xrange(key, first, last, count)
+    return [
+        (
+            _as_bytes(entry_id or b"").decode(),
+            {_as_bytes(k): _as_bytes(v) for k, v in fields.items()},
+        )
+        for entry_id, fields in raw or []
+        if fields is not None
+    ]

@@ -158,15 +158,15 @@ def subscribe(
 ) -> httpx.Response:
     """``GET /events`` for ``topics`` with ``token`` sent ``via`` one source. A 200 stream is
     closed as soon as its headers arrive; any other response (a refusal too) is read whole."""
-    params = [("topic", topic) for topic in topics]
-    headers: dict[str, str | bytes] = {"accept": "text/event-stream"}
+    params: list[tuple[str, str | int | float | bool | None]] = [("topic", t) for t in topics]
+    headers: list[tuple[bytes, bytes]] = [(b"accept", b"text/event-stream")]
     if token is not None:
         if via == "header":
-            headers["authorization"] = b"Bearer " + token.encode("utf-8")
+            headers.append((b"authorization", b"Bearer " + token.encode("utf-8")))
         elif via == "query":
             params.append(("token", token))
         else:
-            headers["cookie"] = f"{cookie}=".encode() + token.encode("utf-8")
+            headers.append((b"cookie", f"{cookie}=".encode() + token.encode("utf-8")))
     with client.stream("GET", "/events", params=params, headers=headers) as response:
         if response.status_code != 200 or "content-length" in response.headers:
             response.read()  # an error, or a finished stream: a refusal the client retries
