@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Generator, Iterator
 
 import pytest
 
 from tests.chaos.harness import Chaos, redis_binary
+from tests.support.waiting import WaitTimeout, wait_until
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -37,7 +37,11 @@ def chaos() -> Iterator[Chaos]:
         yield chaos
     finally:
         chaos.close()
-    deadline = time.monotonic() + 5
-    while left := [t.name for t in threading.enumerate() if t.name.startswith("chaos-")]:
-        assert time.monotonic() < deadline, f"threads left running: {left}"
-        time.sleep(0.05)
+
+    def left() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("chaos-")]
+
+    try:
+        wait_until(lambda: not left(), "the scenario's threads to end", 5)
+    except WaitTimeout:
+        raise AssertionError(f"threads left running: {left()}") from None

@@ -40,6 +40,7 @@ from publisher.protocol import id_key, key_to_id
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
 from tests.support.redis_server import server_binary
+from tests.support.waiting import wait_until
 
 T = TypeVar("T")
 
@@ -64,14 +65,6 @@ def backfill_available() -> bool:
 
 def publisher_retries() -> bool:
     return "retry_for" in inspect.signature(Publisher.from_url).parameters
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(step)
 
 
 # -- Redis ------------------------------------------------------------------------------------
@@ -194,8 +187,8 @@ class SentinelSetup:
         with contextlib.closing(self.replica.client()) as replica:
             wait_until(
                 lambda: _info(replica, "replication").get("master_link_status") == "up",
-                timeout,
                 "the replica to sync",
+                timeout,
             )
         for index, port in enumerate(self.ports):
             conf = os.path.join(self.dir, f"sentinel-{index}.conf")
@@ -215,7 +208,7 @@ class SentinelSetup:
                 )
             )
         try:
-            wait_until(self._settled, timeout, "the sentinels to see the replica and each other")
+            wait_until(self._settled, "the sentinels to see the replica and each other", timeout)
         except TimeoutError as exc:
             raise TimeoutError(f"{exc}: {self._state}") from None
         return self
@@ -273,7 +266,7 @@ class SentinelSetup:
             except redis.RedisError:
                 return False
 
-        wait_until(done, timeout, "the failover to complete", 0.2)
+        wait_until(done, "the failover to complete", timeout, 0.2)
         return old, new
 
     def close(self) -> None:
@@ -586,6 +579,7 @@ class SSEClient:
         self.refusals = 0
         self.errors: list[str] = []
         self.connected = False
+        """Subscribed: the stream's ``: ok`` arrived (and the stream is still open)."""
         self.retry_ms = 3000
         self._resume: asyncio.Event | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -625,6 +619,7 @@ class SSEClient:
                 self.connected = False
                 self._writer = None
             if self._resume.is_set():
+                # EventSource's reconnection delay (as the server's ``retry:`` asks, capped)
                 await asyncio.sleep(min(self.retry_ms / 1000, self.retry_cap))
             else:
                 resumed = True
@@ -655,7 +650,6 @@ class SSEClient:
             chunked = "chunked" in headers.get("transfer-encoding", "").lower()
             decoder = ChunkedDecoder() if chunked else None
             parser = BrowserParser(last_id=self.last_id)
-            self.connected = True
             self.streams += 1
             while True:
                 data = await asyncio.wait_for(reader.read(1 << 16), self.idle_timeout)
@@ -667,6 +661,8 @@ class SSEClient:
                 if body:
                     for event in parser.feed(body):
                         self._dispatch(event)
+                    # ': ok' ends the preamble once every topic is subscribed
+                    self.connected = self.connected or "ok" in parser.comments
                     self.last_id = parser.dispatched_id
                     if parser.retry is not None:
                         self.retry_ms = parser.retry
@@ -738,7 +734,7 @@ class ClientPool:
 
 def wait_connected(clients: Sequence[SSEClient], timeout: float = 30.0) -> None:
     try:
-        wait_until(lambda: all(c.connected for c in clients), timeout, "clients to connect")
+        wait_until(lambda: all(c.connected for c in clients), "clients to subscribe", timeout)
     except TimeoutError:
         down = [c.describe() for c in clients if not c.connected]
         raise AssertionError(f"{len(down)} clients not connected: {down[:5]}") from None
@@ -963,7 +959,7 @@ def wait_caught_up(clients: Sequence[SSEClient], ledger: Ledger, timeout: float 
     began = time.monotonic()
     targets = [(client, ledger.newest(client.topics)) for client in clients]
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: all(c.last_key >= t for c, t in targets), timeout, "catch-up", 0.2)
+        wait_until(lambda: all(c.last_key >= t for c, t in targets), "catch-up", timeout, 0.2)
     return time.monotonic() - began
 
 

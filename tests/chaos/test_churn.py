@@ -25,9 +25,9 @@ from tests.chaos.harness import (
     summary,
     wait_caught_up,
     wait_connected,
-    wait_until,
 )
 from tests.support.gateway import open_sockets
+from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"churn-live{i}" for i in range(4)]
 CYCLES = 5000
@@ -80,7 +80,7 @@ def test_connection_churn_leaves_nothing_behind(chaos: Chaos) -> None:
     clients = chaos.clients(lb.port, spread_topics(TOPICS, 50))
     wait_connected(clients)
     publisher = chaos.publisher(server.url, TOPICS, rate=40).start()
-    time.sleep(1.5)
+    let_time_pass(1.5, "events flow before the churn")
     connections = target.metric("sse_connections ")
     topics = target.metric("sse_hub_topics ")
     rss_before = target.rss_bytes()
@@ -99,7 +99,7 @@ def test_connection_churn_leaves_nothing_behind(chaos: Chaos) -> None:
         )
 
     try:
-        wait_until(settled, 10, "the node to let go of the churned connections", 0.2)
+        wait_until(settled, "the node to let go of the churned connections", 10, 0.2)
     finally:
         publisher.stop()
     rss_growth = (target.rss_bytes() - rss_before) / 2**20
@@ -109,7 +109,7 @@ def test_connection_churn_leaves_nothing_behind(chaos: Chaos) -> None:
 
     # The gauge drops as a stream ends; its socket is closed a moment later.
     with contextlib.suppress(TimeoutError):
-        wait_until(lambda: sockets_now() <= sockets_before + 3, 5, "the sockets to close")
+        wait_until(lambda: sockets_now() <= sockets_before + 3, "the sockets to close", 5)
     peers = socket_peers(target.pid)
     sockets = sockets_now()
 

@@ -5,7 +5,6 @@ their Last-Event-ID, land on the surviving node, and miss nothing."""
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass
 
 TOPICS = [f"node{i}" for i in range(5)]
 
@@ -34,13 +34,13 @@ def test_clients_of_a_killed_node_resume_elsewhere_without_loss(chaos: Chaos) ->
     assert on_victim >= 20, f"round robin put only {on_victim} of 60 clients on the victim"
     publisher = chaos.publisher(server.url, TOPICS, rate=60).start()
 
-    time.sleep(3)
+    let_time_pass(3, "events flow before the kill")
     victim.stop(signal.SIGKILL)
     # The load balancer still lists the dead node for a while: connects to it are refused,
     # and each is retried on the next backend, as an L4 balancer does.
-    time.sleep(4)
+    let_time_pass(4, "the balancer still lists the dead node")
     lb.remove(victim.port)
-    time.sleep(1)
+    let_time_pass(1, "events flow on the survivors")
     publisher.stop()
 
     ledger = Ledger([publisher])

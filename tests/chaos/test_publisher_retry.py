@@ -7,7 +7,6 @@ explicit ``idempotency_key`` published twice is also one event."""
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pytest
 
@@ -25,6 +24,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import WaitTimeout, let_time_pass, wait_until
 
 TOPICS = [f"retry{i}" for i in range(5)]
 CUT_AT = (10, 30, 31, 60, 120)
@@ -42,7 +42,7 @@ def test_lost_publish_replies_are_retried_without_duplicates(chaos: Chaos) -> No
     publisher = chaos.publisher(cutter.url, TOPICS, rate=50, retry_for=30).start()
 
     manual = Publishes()
-    time.sleep(1)
+    let_time_pass(1, "events flow before the direct publishes")
     with Publisher.from_url(server.url, prefix=chaos.prefix, retry_for=30) as direct:
         data = {"tag": "explicit-1", "pad": ""}
         first = direct.publish(TOPICS[0], data, idempotency_key="chaos-explicit-1")
@@ -50,9 +50,8 @@ def test_lost_publish_replies_are_retried_without_duplicates(chaos: Chaos) -> No
     assert first == again, "the same idempotency key published twice gave two ids"
     manual.acked.append(Published("explicit-1", first, id_key(first), (TOPICS[0],)))
 
-    deadline = time.monotonic() + 30
-    while cutter.evals < max(CUT_AT) + 20 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    with contextlib.suppress(WaitTimeout):  # the ledger below says what was lost
+        wait_until(lambda: cutter.evals >= max(CUT_AT) + 20, "the cuts and 20 more", 30, 0.2)
     publisher.stop()
 
     ledger = Ledger([publisher, manual])

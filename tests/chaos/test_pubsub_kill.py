@@ -5,7 +5,6 @@ nodes backfill after a link loss (spec 4), clients must not even notice (no reco
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pytest
 
@@ -19,6 +18,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass
 
 TOPICS = [f"kill{i}" for i in range(5)]
 
@@ -32,12 +32,12 @@ def test_pubsub_links_killed_three_times_lose_nothing(chaos: Chaos) -> None:
     wait_connected(clients)
     publisher = chaos.publisher(server.url, TOPICS, rate=60).start()
 
-    time.sleep(2)
+    let_time_pass(2, "events flow before the first kill")
     killed = []
     with contextlib.closing(server.client()) as admin:
         for _ in range(3):
             killed.append(admin.client_kill_filter(_type="pubsub"))
-            time.sleep(3)
+            let_time_pass(3, "events flow between kills")
     publisher.stop()
 
     ledger = Ledger([publisher])

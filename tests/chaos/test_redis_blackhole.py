@@ -24,8 +24,8 @@ from tests.chaos.harness import (
     summary,
     wait_caught_up,
     wait_connected,
-    wait_until,
 )
+from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"black{i}" for i in range(5)]
 BLACKHOLE = 10.0
@@ -53,14 +53,14 @@ def test_nodes_recover_by_themselves_after_a_blackholed_network(chaos: Chaos) ->
     publisher = chaos.publisher(server.url, TOPICS, rate=40).start()
     proxied = chaos.publisher(proxy.url, TOPICS, rate=10, name="q", retry_for=30).start()
 
-    time.sleep(2)
+    let_time_pass(2, "events flow before the network goes black")
     assert proxy.live_pubsub_links() == len(nodes)
     assert proxy.blackhole() >= len(nodes)
     began = time.monotonic()
-    time.sleep(BLACKHOLE / 3)
+    let_time_pass(BLACKHOLE / 3, "the network stays black")
     # Clients that arrive in the dark: refused or held, never stranded.
     late = chaos.clients(lb.port, spread_topics(TOPICS, 10), name="late")
-    time.sleep(BLACKHOLE - (time.monotonic() - began))  # the fault itself lasts this long
+    let_time_pass(BLACKHOLE - (time.monotonic() - began), "the fault lasts BLACKHOLE s")
     proxy.restore()
     back = time.monotonic()
     during = Ledger([publisher, proxied])
@@ -68,13 +68,13 @@ def test_nodes_recover_by_themselves_after_a_blackholed_network(chaos: Chaos) ->
 
     problems = []
     try:
-        wait_until(lambda: proxy.live_pubsub_links() == len(nodes), RECOVERY, "the nodes to relink")
+        wait_until(lambda: proxy.live_pubsub_links() == len(nodes), "the nodes to relink", RECOVERY)
     except TimeoutError as exc:
         problems.append(f"{exc}: {proxy.live_pubsub_links()} of {len(nodes)} links")
     relinked = time.monotonic() - back
     try:
         wait_until(
-            lambda: all(_ready(n.url) for n in nodes), max(1.0, RECOVERY - relinked), "/readyz"
+            lambda: all(_ready(n.url) for n in nodes), "/readyz", max(1.0, RECOVERY - relinked)
         )
     except TimeoutError as exc:
         problems.append(f"{exc}: {[_ready(n.url) for n in nodes]}")
@@ -83,9 +83,9 @@ def test_nodes_recover_by_themselves_after_a_blackholed_network(chaos: Chaos) ->
     settled = wait_caught_up(clients[: -len(late)], during, max(1.0, RECOVERY - ready)) + ready
     caught_up = wait_caught_up(clients, during, max(1.0, RECOVERY - ready)) + ready
     if not problems:
-        time.sleep(3)  # events after the recovery
+        let_time_pass(3, "events after the recovery")
         # A publish stuck in the dark gives up after its socket timeout, then its retry passes.
-        wait_until(lambda: proxied.acked[-1].at > back, RECOVERY, "publishing through the proxy")
+        wait_until(lambda: proxied.acked[-1].at > back, "publishing through the proxy", RECOVERY)
     publisher.stop()
     proxied.stop()
 

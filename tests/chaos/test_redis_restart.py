@@ -5,7 +5,6 @@ every client once; the nodes reconnect and backfill, so clients stay connected."
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pytest
 
@@ -20,6 +19,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass
 
 TOPICS = [f"restart{i}" for i in range(5)]
 
@@ -33,11 +33,11 @@ def test_redis_killed_and_restarted_loses_nothing(chaos: Chaos) -> None:
     wait_connected(clients)
     publisher = chaos.publisher(server.url, TOPICS, rate=60, retry_for=30).start()
 
-    time.sleep(3)
+    let_time_pass(3, "events flow before the kill")
     server.kill()
-    time.sleep(2)
+    let_time_pass(2, "Redis stays down")
     server.start()
-    time.sleep(5)
+    let_time_pass(5, "events flow after the restart")
     publisher.stop()
 
     ledger = Ledger([publisher])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass
 
 TOPICS = ["keep0", "keep1", "keep2"]
 
@@ -38,19 +38,19 @@ def test_clients_back_after_retention_get_reset_then_retained_then_live(chaos: C
         server.url, TOPICS, rate=150, retention=Retention(max_events=20)
     ).start()
 
-    time.sleep(2)
+    let_time_pass(2, "events flow before some clients leave")
     chaos.pool.pause(away)
     left_at = {c.name: c.last_key for c in away}
     assert all(left_at.values()), "a client left before it received anything"
     # 'MAXLEN ~ 20' trims whole stream nodes (100 entries): publish several nodes' worth.
-    time.sleep(6)
+    let_time_pass(6, "several stream nodes of events while they are away")
     with contextlib.closing(server.client()) as admin:
         lengths = {t: admin.xlen(f"{chaos.prefix}:s:{t}") for t in TOPICS}
         clock = admin.get(f"{chaos.prefix}:clock")
         assert isinstance(clock, bytes)
         back_at = id_key(clock)
     chaos.pool.resume(away)
-    time.sleep(3)
+    let_time_pass(3, "events flow after they come back")
     publisher.stop()
 
     ledger = Ledger([publisher])

@@ -5,6 +5,7 @@ window plus 3 s; a replacement starts on the same port. No client loses an event
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 
@@ -20,12 +21,19 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"roll{i}" for i in range(5)]
 DRAIN = 3.0
 
 
 @pytest.mark.chaos
+def _not_ready(url: str) -> httpx.Response | None:
+    """``/readyz``'s answer if it is not a 200."""
+    response = httpx.get(url + "/readyz", timeout=2)
+    return response if response.status_code != 200 else None
+
+
 def test_rolling_restart_drains_every_node_without_loss(chaos: Chaos) -> None:
     server = chaos.redis()
     nodes = [chaos.node(server.url, "--drain-seconds", str(DRAIN)) for _ in range(3)]
@@ -33,7 +41,7 @@ def test_rolling_restart_drains_every_node_without_loss(chaos: Chaos) -> None:
     clients = chaos.clients(lb.port, spread_topics(TOPICS, 60))
     wait_connected(clients)
     publisher = chaos.publisher(server.url, TOPICS, rate=60).start()
-    time.sleep(2)
+    let_time_pass(2, "events flow before the first restart")
 
     restarts = []
     for index, node in enumerate(list(nodes)):
@@ -45,9 +53,13 @@ def test_rolling_restart_drains_every_node_without_loss(chaos: Chaos) -> None:
         node.process.send_signal(signal.SIGTERM)
         if index == 0:
             # Unready at once (uvicorn notices the signal at its next tick, within 0.1 s).
-            while (ready := httpx.get(node.url + "/readyz", timeout=2)).status_code == 200:
-                assert time.monotonic() - began < 0.5, "/readyz still 200 0.5 s after SIGTERM"
-                time.sleep(0.01)
+            ready = wait_until(
+                functools.partial(_not_ready, node.url),
+                "/readyz to stop being 200 after SIGTERM",
+                max(0.0, 0.5 - (time.monotonic() - began)),
+                0.01,
+            )
+            assert ready is not None
             assert ready.status_code == 503, ready.text
             stream = httpx.get(node.url + "/events?topic=roll0", timeout=2)
             assert stream.status_code == 503, stream.text
@@ -64,8 +76,8 @@ def test_rolling_restart_drains_every_node_without_loss(chaos: Chaos) -> None:
         assert "Traceback" not in node.output(), node.output()[-3000:]
         replacement = chaos.restart(node)
         lb.add(replacement.port)
-        time.sleep(1.5)
-    time.sleep(1.5)
+        let_time_pass(1.5, "events flow before the next restart")
+    let_time_pass(1.5, "events flow after the last restart")
     publisher.stop()
 
     ledger = Ledger([publisher])

@@ -26,6 +26,7 @@ from tests.chaos.harness import (
     wait_caught_up,
     wait_connected,
 )
+from tests.support.waiting import let_time_pass
 
 TOPICS = [f"sentinel{i}" for i in range(5)]
 
@@ -41,11 +42,11 @@ def test_sentinel_failover_loses_nothing(chaos: Chaos) -> None:
         setup.url, TOPICS, rate=60, retry_for=40, options={"wait_replicas": 1}
     ).start()
 
-    time.sleep(3)
+    let_time_pass(3, "events flow before the failover")
     began = time.monotonic()
     old, new = setup.failover()
     took = time.monotonic() - began
-    time.sleep(3)
+    let_time_pass(3, "events flow after the failover")
     publisher.stop()
 
     with contextlib.closing(setup.nodes[new].client()) as primary:

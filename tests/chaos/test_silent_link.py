@@ -17,8 +17,8 @@ from tests.chaos.harness import (
     summary,
     wait_caught_up,
     wait_connected,
-    wait_until,
 )
+from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"silent{i}" for i in range(5)]
 PROBE = 1.0
@@ -34,14 +34,14 @@ def test_silently_dead_pubsub_links_are_found_by_the_probe(chaos: Chaos) -> None
     wait_connected(clients)
     publisher = chaos.publisher(server.url, TOPICS, rate=60).start()
 
-    time.sleep(2)
+    let_time_pass(2, "events flow before the link goes silent")
     assert proxy.pubsub_links() == len(nodes)
     assert proxy.freeze_pubsub() == len(nodes)
     began = time.monotonic()
     # A probe every PROBE s, answered within min(3, PROBE) s: found within about 2 * PROBE.
-    wait_until(lambda: proxy.pubsub_links() == len(nodes), 10, "the nodes to relink")
+    wait_until(lambda: proxy.pubsub_links() == len(nodes), "the nodes to relink", 10)
     relinked = time.monotonic() - began
-    time.sleep(3)
+    let_time_pass(3, "events flow on the new links")
     publisher.stop()
 
     ledger = Ledger([publisher])

@@ -16,6 +16,11 @@ from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
+class WaitTimeout(AssertionError, TimeoutError):
+    """A bounded wait ran out: a failed assertion to pytest, and a ``TimeoutError`` to a caller
+    that handles the timeout itself."""
+
+
 POLL = 0.05
 """How often a condition is checked again: short enough to react quickly, long enough that
 a test polling a process over HTTP does not load it."""
@@ -25,7 +30,7 @@ def wait_until(
     condition: Callable[[], T], what: str, timeout: float = 10.0, step: float = POLL
 ) -> T:
     """Check ``condition`` every ``step`` seconds until it returns something truthy, and
-    return that; ``AssertionError`` naming ``what`` if it does not within ``timeout``.
+    return that; ``WaitTimeout`` naming ``what`` if it does not within ``timeout``.
     Exceptions from ``condition`` propagate (a condition that may fail transiently catches
     them itself)."""
     deadline = time.monotonic() + timeout
@@ -34,7 +39,7 @@ def wait_until(
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(step)
 
 
@@ -67,7 +72,7 @@ async def wait_until_async(
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(step)
 
 
