@@ -17,8 +17,9 @@ import orjson
 
 from publisher import Publisher
 from tests.browser.eventsource import OPEN, Crowd, EventSourceLike
-from tests.chaos.harness import LoadBalancer, wait_until
+from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
+from tests.support.waiting import wait_until
 
 CLIENTS = 500
 NODE_ARGS = ("--drain-seconds", "3", "--retry-ms", "500")
@@ -60,21 +61,21 @@ def test_a_wave_of_500_through_one_balancer_address_is_not_refused_for_good(
             assert not any(c.failed for c in clients), describe(clients)
             return open_streams(node) == CLIENTS and all(c.state == OPEN for c in clients)
 
-        wait_until(lambda: settled_on(a), 60, f"{CLIENTS} streams on node A")
+        wait_until(lambda: settled_on(a), f"{CLIENTS} streams on node A", 60)
 
         balancer.add(b.port)
         assert a.process is not None
         began = time.monotonic()
         a.process.send_signal(15)  # SIGTERM: drain over 3 s
-        wait_until(lambda: settled_on(b), 60, f"{CLIENTS} streams on node B")
+        wait_until(lambda: settled_on(b), f"{CLIENTS} streams on node B", 60)
         moved = time.monotonic() - began
 
         with Publisher.from_url(redis_url, prefix=prefix) as pub:
             after = pub.publish("wave", "after the wave", "after")
         wait_until(
             lambda: all(any(e[0] == after for e in c.events) for c in clients),
-            30,
             "every client to receive the event published after the wave",
+            30,
         )
     finally:
         if crowd is not None:

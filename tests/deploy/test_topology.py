@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import re
@@ -61,7 +62,8 @@ from tests.chaos.harness import (
     wait_connected,
 )
 from tests.support.sse import SSEStream, collect, open_stream
-from tests.support.topology import ROOT, ComposeNode, Topology, wait_until
+from tests.support.topology import ROOT, ComposeNode, Topology
+from tests.support.waiting import WaitTimeout, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -161,9 +163,9 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
             assert idle.preamble.wait(10)
             assert idle.opened, f"the idle stream did not open: {idle.head[:300]!r}"
             holders = wait_until(
+                lambda: [n for n, node in parts.nodes.items() if _open_streams(node) >= 1],
                 "the idle stream to show on one node",
                 10,
-                lambda: [n for n, node in parts.nodes.items() if _open_streams(node) >= 1],
             )
             assert len(holders) == 1, holders
             assert first.redis_url is not None, "the compose nodes run without Redis"
@@ -287,7 +289,7 @@ def drained(stack: Stack) -> Drain:
         wait_connected(clients)
         publisher = PublisherThread(stack.redis_url, stack.prefix, PAGE_TOPICS, rate=40)
         publisher.start()
-        wait_until("every page to get events", 15, lambda: all(c.received for c in clients))
+        wait_until(lambda: all(c.received for c in clients), "every page to get events", 15)
         node = stack.nodes[victim]
         on_victim = _open_streams(node)
         began = time.monotonic()
@@ -295,7 +297,7 @@ def drained(stack: Stack) -> Drain:
         node.process.send_signal(signal.SIGTERM)
         # Draining: unready, and a stream asked of it directly is refused (503 ``draining``),
         # which the alert on refusals and the dashboard's refusals panel count.
-        wait_until("the node to turn unready", 5, lambda: _status(node, "/readyz") == 503)
+        wait_until(lambda: _status(node, "/readyz") == 503, "the node to turn unready", 5)
         refused = httpx.get(node.url + "/events?topic=page0", timeout=5)
         assert refused.status_code == 503, refused.text
         assert refused.json()["error"] == "draining", refused.text
@@ -303,7 +305,7 @@ def drained(stack: Stack) -> Drain:
         took = time.monotonic() - began
         stack.parts.restart(victim)
         after = len(publisher.acked)
-        wait_until("publishes after the restart", 15, lambda: len(publisher.acked) >= after + 40)
+        wait_until(lambda: len(publisher.acked) >= after + 40, "publishes after the restart", 15)
         wait_connected(clients)
         publisher.stop()
         ledger = Ledger([publisher])
@@ -341,7 +343,7 @@ def test_prometheus_sees_every_node_up(stack: Stack) -> None:
         up = {r["metric"]["instance"]: r["value"][1] for r in result}
         return all(up.get(target) == "1" for target in expected)
 
-    wait_until("up == 1 for every node", 20, all_up, 0.2)
+    wait_until(all_up, "up == 1 for every node", 20, 0.2)
 
 
 def test_prometheus_saw_the_draining_node_unready(stack: Stack, drained: Drain) -> None:
@@ -452,7 +454,7 @@ def scripted(stack: Stack, drained: Drain) -> None:
                 pub.publish_many([("shed", big)] * 16)
                 return sum(node.metric(name) for name in shed) > before
 
-            wait_until("a stalled client to be shed", 30, shed_one, 0.1)
+            wait_until(shed_one, "a stalled client to be shed", 30, 0.1)
     finally:
         stalled.close()
 
@@ -472,8 +474,9 @@ def test_every_dashboard_and_alert_query_returns_data(stack: Stack, scripted: No
     empty = []
     for what, expr, measured in queries:
         prometheus.query(expr)  # runs without error (a refused query raises with the reason)
-        while not prometheus.query(measured) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(WaitTimeout):  # listed below if it never has data
+            left = max(0.0, deadline - time.monotonic())
+            wait_until(functools.partial(prometheus.query, measured), f"data: {what}", left, 0.2)
         if not prometheus.query(measured):
             empty.append(f"{what}: {measured}")
     print(f"{len(queries)} dashboard and alert queries ran, {len(queries) - len(empty)} with data")
@@ -490,7 +493,7 @@ def test_prometheus_evaluates_every_alert_rule_without_error(stack: Stack) -> No
         done = len(rules) == len(names) and all(r.get("health") != "unknown" for r in rules)
         return rules if done else []
 
-    rules = wait_until("every rule to be evaluated", 15, evaluated, 0.2)
+    rules = wait_until(evaluated, "every rule to be evaluated", 15, 0.2)
     broken = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not broken, broken
 
@@ -541,7 +544,7 @@ def test_idle_stream_outlives_nginx_read_timeout(stack: Stack) -> None:
     def held_or_ended() -> bool:
         return idle.ended is not None or time.monotonic() - idle.opened >= hold
 
-    wait_until(f"the idle stream to be held {hold:g}s", hold + 5, held_or_ended, 0.2)
+    wait_until(held_or_ended, f"the idle stream to be held {hold:g}s", hold + 5, 0.2)
     assert idle.ended is None, f"the idle stream ended: {idle.ended}"
     beats = [idle.opened, *idle.heartbeats, time.monotonic()]
     gaps = [round(b - a, 2) for a, b in itertools.pairwise(beats)]

@@ -4,12 +4,12 @@ and "show what I missed" replays from a time (embedded engine, and Redis behind 
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
 
 from tests.examples.conftest import Launch, screenshot
+from tests.support.waiting import let_time_pass
 
 WAIT_MS = 15_000
 TOKEN_TTL = 3
@@ -69,7 +69,7 @@ def test_toasts_reach_their_user_only_and_survive_token_expiry(
         before = len(alice_tokens)
         for n in range(BURST):
             notify(user="alice", level="info", title=f"burst {n}")
-            time.sleep(0.2)
+            let_time_pass(0.2, "a burst spread over the tokens' 3 s lifetime")
         alice.locator("#recent li", has_text=f"burst {BURST - 1}").wait_for(timeout=WAIT_MS)
         burst = [t for t in titles(alice) if t.startswith("burst ")]
         assert burst == [f"burst {n}" for n in reversed(range(BURST))]

@@ -24,6 +24,7 @@ import redis
 from publisher import AsyncPublisher, Publisher, Retention
 from publisher.protocol import Keys, encode_body, id_key
 from tests.support.redis_server import stream_entries
+from tests.support.waiting import WaitTimeout, let_time_pass, wait_until
 
 ID = re.compile(r"(\d+)-(\d+)")
 
@@ -76,11 +77,11 @@ def receive(pubsub: Any, count: int, timeout: float = 10) -> list[dict[str, Any]
 
 
 def eventually(predicate: Callable[[], bool], timeout: float = 5) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
+    """Whether ``predicate`` came to hold within ``timeout``."""
+    try:
+        wait_until(predicate, "a condition", timeout, 0.02)
+    except WaitTimeout:
+        return False
     return True
 
 
@@ -458,9 +459,9 @@ def test_max_age_trims_old_events_on_the_next_publish(
     retention = Retention(max_events=1000, max_age=1.0)
     with Publisher.from_url(redis_url, prefix=prefix, retention=retention) as p:
         old = [p.publish("aging", i) for i in range(5)]
-        time.sleep(0.6)
+        let_time_pass(0.6, "the first events age")
         alive = p.publish("aging", "keeps the stream alive")
-        time.sleep(0.6)
+        let_time_pass(0.6, "the first events pass max_age")
         held = [i for i, _ in entries(redis_client, stream)]
         assert held == [*old, alive], "nothing trims by itself"
         fresh = [p.publish("aging", "a"), p.publish("aging", "b")]
@@ -474,7 +475,7 @@ def test_max_age_zero_keeps_old_events(
     stream = Keys(prefix).stream("ageless")
     with Publisher.from_url(redis_url, prefix=prefix, retention=Retention(max_age=0)) as p:
         old = p.publish("ageless", 1)
-        time.sleep(0.3)
+        let_time_pass(0.3, "the first event ages")
         new = p.publish("ageless", 2)
     assert [i for i, _ in entries(redis_client, stream)] == [old, new]
 

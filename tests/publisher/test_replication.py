@@ -20,6 +20,7 @@ from publisher.protocol import Keys, make_message
 from publisher.redis_transport import RedisTransport, is_transient
 from tests.support.gateway import GatewayProcess
 from tests.support.redis_server import RedisServer, server_binary
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture
@@ -33,12 +34,11 @@ def primary() -> Iterator[RedisServer]:
 def _replica_of(primary: RedisServer) -> RedisServer:
     replica = RedisServer(server_binary(), "--replicaof", "127.0.0.1", str(primary.port))
     replica.start()
-    client = redis.Redis(port=replica.port)
-    deadline = time.monotonic() + 10
-    while client.info("replication").get("master_link_status") != "up":
-        assert time.monotonic() < deadline, "the replica did not sync"
-        time.sleep(0.05)
-    client.close()
+    with redis.Redis(port=replica.port) as client:
+        wait_until(
+            lambda: client.info("replication").get("master_link_status") == "up",
+            "the replica to sync",
+        )
     return replica
 
 

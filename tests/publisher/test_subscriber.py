@@ -26,6 +26,7 @@ from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.proxy import CuttingProxy
 from tests.support.tokens import SECRET, hs256
+from tests.support.waiting import wait_until, wait_until_async
 
 DEADLINE = 30.0
 
@@ -206,8 +207,7 @@ def test_a_token_function_refreshes_the_async_iterator_too(
         return tokens()
 
     async def wait_until(check: Callable[[], bool]) -> None:
-        while not check():
-            await asyncio.sleep(0.02)
+        await wait_until_async(check, "the subscription's progress", 30, 0.02)
 
     async def run() -> tuple[list[Event], list[str]]:
         pub = Publisher.from_url(gateway.url, token=hs256(sub="w", subscribe=[], publish=["t"]))
@@ -288,10 +288,7 @@ def test_close_from_another_thread_ends_a_blocked_read(gateway_factory: GatewayF
     got: list[Event] = []
     reader = threading.Thread(target=lambda: got.extend(sub))
     reader.start()
-    deadline = time.monotonic() + DEADLINE
-    while sub.status != "open":
-        assert time.monotonic() < deadline, sub.status
-        time.sleep(0.02)
+    wait_until(lambda: sub.status == "open", "the subscription open", DEADLINE, 0.02)
     sub.close()
     reader.join(10)
     assert not reader.is_alive(), "close() did not end the blocked read"

@@ -22,7 +22,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import yaml
 from gateway.config import ENV_PREFIX, Settings, add_arguments, settings_from
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -52,18 +52,6 @@ def require(binary: str, package: str) -> str:
     if path is None:
         raise RuntimeError(INSTALL_HINT.format(binary=binary, package=package))
     return path
-
-
-def wait_until(what: str, timeout: float, check: Any, step: float = 0.05) -> Any:
-    """Poll ``check`` until it returns something truthy (returned), or fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(step)
 
 
 # -- docker-compose.yml -----------------------------------------------------------------------
@@ -239,7 +227,7 @@ class RedisFromConf:
                 except redis.ConnectionError:
                     return False
 
-            wait_until("redis-server to answer", timeout, answers)
+            wait_until(answers, "redis-server to answer", timeout)
         return self
 
     def log(self) -> str:
@@ -331,7 +319,7 @@ class ComposeNode(GatewayProcess):
             except httpx.TransportError:
                 return False
 
-        wait_until(f"{self.service.name} to be ready", timeout, ready)
+        wait_until(ready, f"{self.service.name} to be ready", timeout)
         return self
 
 
@@ -398,7 +386,7 @@ class Nginx:
             except httpx.TransportError:
                 return False
 
-        wait_until("nginx to listen", timeout, answers)
+        wait_until(answers, "nginx to listen", timeout)
         return self
 
     def _command(self, *extra: str) -> list[str]:
@@ -508,7 +496,7 @@ class Prometheus:
             except httpx.TransportError:
                 return False
 
-        wait_until("prometheus to be ready", timeout, ready, 0.1)
+        wait_until(ready, "prometheus to be ready", timeout, 0.1)
         return self
 
     def query(self, expr: str) -> list[dict[str, Any]]:

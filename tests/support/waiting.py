@@ -16,6 +16,7 @@ from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
+
 class WaitTimeout(AssertionError, TimeoutError):
     """A bounded wait ran out: a failed assertion to pytest, and a ``TimeoutError`` to a caller
     that handles the timeout itself."""
