@@ -41,7 +41,7 @@ class EventSourceLike:
                 self.errors[type(exc).__name__] += 1
             if self.state != CLOSED:
                 self.state = CONNECTING
-                await asyncio.sleep(self.retry_ms / 1000)
+                await asyncio.sleep(self.retry_ms / 1000)  # EventSource's reconnection delay
 
     async def _connect(self) -> None:
         reader, writer = await asyncio.wait_for(

@@ -32,6 +32,7 @@ from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.sse import SSEStream
+from tests.support.waiting import wait_until_async
 
 SECRET = "acceptance-8-limits-secret-0123456789abcdef"
 STREAM_TIMEOUT = httpx.Timeout(10, read=None)
@@ -127,14 +128,15 @@ async def accepted_again(
     connect: Callable[[], Awaitable[Outcome]], refusal: tuple[int, str], timeout: float = 10
 ) -> None:
     """Retry ``connect()`` until it is accepted; every answer until then is ``refusal``."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def accepted() -> bool:
         outcome = await connect()
         if outcome.status == 200:
-            return
+            return True
         assert (outcome.status, outcome.error) == refusal, outcome.body
-        assert time.monotonic() < deadline, "the freed slot was never given to a new client"
-        await asyncio.sleep(0.05)
+        return False
+
+    await wait_until_async(accepted, "the freed slot to be given to a new client", timeout)
 
 
 def has_event(name: str) -> Callable[[SSEStream], bool]:
@@ -435,7 +437,7 @@ async def hammer(url: str, token: str, until: float) -> Hammering:
                 started = loop.time()
                 response = await http.get(url + "/healthz")
                 health.append((response.status_code, loop.time() - started))
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # a health probe every 0.2 s, as a balancer's
 
     await asyncio.gather(*(worker(kind) for kind in kinds for _ in range(2)), probe_health())
     return Hammering(tally, health)
@@ -462,7 +464,7 @@ def test_a_canary_misses_nothing_while_the_node_is_hammered(
             def publish_numbered() -> None:
                 while not stop.is_set():
                     sent.append(pub.publish(FEED, {"seq": len(sent)}, "n"))
-                    time.sleep(0.01)
+                    time.sleep(0.01)  # the publisher's pace: about 100 events a second
 
             async with httpx.AsyncClient(timeout=STREAM_TIMEOUT) as http:
                 canary, task = await open_held(http, url, [FEED], canary_token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 import httpx
 
 from tests.support.ports import free_port
-from tests.support.waiting import wait_until
+from tests.support.waiting import WaitTimeout, wait_until
 
 
 class GatewayProcess:
@@ -44,17 +45,21 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env=self.env,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+        process = self.process
+
+        def ready() -> bool:
+            if process.poll() is not None:
                 raise RuntimeError(f"gateway exited at start:\n{self.output()}")
             try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
+                return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.output()}")
+                return False
+
+        try:
+            wait_until(ready, "the gateway ready", timeout)
+        except WaitTimeout:
+            raise RuntimeError(f"gateway not ready in {timeout}s:\n{self.output()}") from None
+        return self
 
     def output(self) -> str:
         with open(self.log_path, "rb") as f:
@@ -108,13 +113,17 @@ def settled_sockets(pid: int, timeout: float = 3.0) -> int:
     """How many sockets a process holds once the count has held still for 0.3 s (readiness
     probes and other short connections may still be closing)."""
     count = open_sockets(pid)
-    deadline = time.monotonic() + timeout
     steady_since = time.monotonic()
-    while time.monotonic() - steady_since < 0.3 and time.monotonic() < deadline:
-        time.sleep(0.05)
+
+    def steady() -> bool:
+        nonlocal count, steady_since
         now = open_sockets(pid)
         if now != count:
             count, steady_since = now, time.monotonic()
+        return time.monotonic() - steady_since >= 0.3
+
+    with contextlib.suppress(WaitTimeout):  # still moving: the latest count
+        wait_until(steady, "the socket count to hold still", timeout)
     return count
 
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 
 from tests.support.ports import free_port
+from tests.support.waiting import WaitTimeout, wait_until
 
 INSTALL_HINT = "PostgreSQL is needed: install Debian's postgresql (apt-get install postgresql)"
 
@@ -62,16 +63,21 @@ def postgres_server(deadline: float = 30.0) -> Iterator[str]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         ready = time.monotonic() + deadline
-        while True:
+        started = process
+
+        def answers() -> bool:
             check = subprocess.run(
                 [f"{bins}/pg_isready", "-h", "127.0.0.1", "-p", str(port), "-t", "1"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5,
             )  # fmt: skip
-            if check.returncode == 0:
-                break
-            if process.poll() is not None or time.monotonic() > ready:
-                raise RuntimeError(f"postgres did not start (exit {process.poll()})")
-            time.sleep(0.05)
+            return check.returncode == 0 or started.poll() is not None
+
+        try:
+            wait_until(answers, "postgres to answer", max(0.0, ready - time.monotonic()))
+        except WaitTimeout:
+            raise RuntimeError("postgres did not start") from None
+        if process.poll() is not None:
+            raise RuntimeError(f"postgres did not start (exit {process.poll()})")
         yield f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5"
     finally:
         if process is not None and process.poll() is None:
