@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -41,6 +42,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from gateway.errors import HTTPError
 
 PEER_EXTENSION = "sse_gateway.peer"
+CONNECTION_EXTENSION = "sse_gateway.connection"
+"""``scope["extensions"]`` key of the httptools protocol serving the request: a direct sink
+(``gateway.sinks``) sets its ``lost_listener`` to hear of the connection's loss."""
 REQUEST_LINE_BYTES = 8192
 """Allowance for the method, path and version on top of the header and query bounds."""
 
@@ -124,6 +128,9 @@ class HttpToolsGuard(HeadGuard):
     client: tuple[str, int] | None
     scope: Any
     app: Any
+    lost_listener: Callable[[], object] | None = None
+    """Called once when the connection is lost: a live stream written to directly has no task
+    waiting on ASGI ``receive`` to tell it."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -134,6 +141,9 @@ class HttpToolsGuard(HeadGuard):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         super().connection_lost(exc)  # type: ignore[misc]
+        listener, self.lost_listener = self.lost_listener, None
+        if listener is not None:
+            listener()
 
     def data_received(self, data: bytes) -> None:
         counted = self._reading_head
@@ -145,7 +155,9 @@ class HttpToolsGuard(HeadGuard):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()  # type: ignore[misc]
-        self.scope.setdefault("extensions", {})[PEER_EXTENSION] = self.client
+        extensions = self.scope.setdefault("extensions", {})
+        extensions[PEER_EXTENSION] = self.client
+        extensions[CONNECTION_EXTENSION] = self
         self._head_begun = True
         self._reading_head = True
         self._head_size = 0

@@ -1,16 +1,17 @@
-"""``GET /events``: one SSE connection's lifecycle, as a raw ASGI app.
+"""``GET /events``: the ASGI driver of one SSE connection's session (``gateway.session``).
 
 Order matters for a gapless stream: subscribe (holding live frames), then read the replay,
-then send it, then release the held frames through the per-client id rule.
+then send it, then release the held frames through the per-client id rule. The session
+decides; this module awaits, and ``gateway.sinks`` writes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
-import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -34,9 +35,11 @@ from gateway.engines.base import (
     Replay,
 )
 from gateway.errors import HTTPError, bad_request
-from gateway.hub import SHED_REASONS, Hub, Subscriber, Transport
+from gateway.hub import Hub
 from gateway.limits import Admission, check_sizes
 from gateway.metrics import Metrics
+from gateway.session import CloseReason, Session
+from gateway.sinks import AsgiSink, DirectSink, abort, direct_sink, enable_keepalive, http_chunk
 from publisher.protocol import (
     MAX_TOPIC_LENGTH,
     check_field,
@@ -50,7 +53,6 @@ from publisher.protocol import (
 log = logging.getLogger("gateway.stream")
 
 MAX_QUERY_FIELDS = 256
-KEEPALIVE_PROBES = 3
 MAX_SINCE_MS = 1 << 53
 ENGINE_UNAVAILABLE = "the event store cannot be reached; retry later"
 INVALID_STORE = "the event store holds data this node cannot read; retry later"
@@ -212,7 +214,7 @@ class EventStream:
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b""})
                 return
-            await self._serve(request, identity, receive, send)
+            await self._serve(scope, request, identity, receive, send)
         finally:
             self.admission.closed(identity.subject, address)
 
@@ -259,52 +261,83 @@ class EventStream:
         return request_token(scope["headers"], request.token, self.settings.token_cookie)
 
     async def _serve(
-        self, request: StreamRequest, identity: Identity, receive: Receive, send: Send
+        self,
+        scope: Scope,
+        request: StreamRequest,
+        identity: Identity,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        sub = Subscriber(request.topics, request.types, self.settings.max_pending_bytes)
+        """Drive one session: open it (subscribe, preamble, replay), then let it live until it
+        closes. A live stream on a direct sink needs no task: the hub writes to it and the
+        protocol tells it of the connection's loss. Elsewhere a task watches ``receive``."""
+        settings = self.settings
+        session = Session(request.topics, request.types, settings.max_pending_bytes)
+        asgi = AsgiSink(send, settings.send_timeout)
+        session.sink = asgi
+        session.listener = asgi.closing
         loop = asyncio.get_running_loop()
         started = loop.time()
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
-        watcher = asyncio.create_task(_wait_disconnect(receive))
-        work: asyncio.Task[None] | None = None
-        timers = self._timers(sub, identity)
-        if self.settings.tcp_keepalive:
-            enable_keepalive(send, self.settings.tcp_keepalive)
+        timers = self._timers(session, identity)
+        if settings.tcp_keepalive:
+            enable_keepalive(send, settings.tcp_keepalive)
+        direct = direct_sink(scope, send)
+        watcher: asyncio.Task[None] | None = None
+        if direct is not None:
+            direct.watch(functools.partial(session.close, CloseReason.CLIENT_CLOSED))
+        else:
+            watcher = loop.create_task(_watch_disconnect(receive, session))
         try:
-            work = sub.writer = asyncio.create_task(self._run(sub, request, send))
-            await asyncio.wait((watcher, work), return_when=asyncio.FIRST_COMPLETED)
-            if watcher.done():
-                sub.close("client_closed")
+            async with asgi.opening():
+                opened = await self._open(session, request, asgi)
+            if opened:
+                # Live: write what the session queues until it closes. Once nothing is
+                # pending, a session with a direct sink hands its writes to the hub (framed by
+                # the node, written at the end of each turn) and this only waits for the close
+                # (awaiting a future here, not a coroutine: an idle stream holds few frames).
+                while not session.closed:
+                    if session.framing is None:
+                        if session.out:
+                            await asgi.send(session.take())
+                            session.last_write = loop.time()
+                            continue
+                        if direct is not None:
+                            session.framing = http_chunk
+                            session.sink = direct
+                    await asgi.woken()
+                await self._farewell(session, asgi, direct)
         except TimeoutError:
-            sub.close("send_timeout")
+            session.close(CloseReason.SEND_TIMEOUT)
+        except Exception:
+            log.exception("stream failed")
         finally:
             for timer in timers:
                 timer.cancel()
-            for task in (watcher, work):
-                if task is not None and not task.done():
-                    task.cancel()
-            await asyncio.gather(watcher, *([work] if work else []), return_exceptions=True)
-            if work is not None and not work.cancelled() and work.exception() is not None:
-                log.error("stream failed", exc_info=work.exception())
-            self.hub.detach(sub)
-            reason = sub.reason or "closed"
+            if direct is not None:
+                direct.watch(None)
+            if watcher is not None:
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
+            self.hub.detach(session)
+            reason = session.finished()
             self.metrics.connections.dec()
-            self.metrics.disconnects.labels(reason).inc()
+            self.metrics.disconnects.labels(reason.value).inc()
             log.info(
                 "stream closed",
                 extra={
                     "subject": identity.subject,
                     "topics": len(request.topics),
                     "duration_s": round(loop.time() - started, 3),
-                    "events": sub.events,
-                    "reason": reason,
+                    "events": session.events,
+                    "reason": reason.value,
                 },
             )
-        if sub.reason in SHED_REASONS:
-            await _abort(send)
+        if reason.shed:
+            await abort(send)
 
-    def _timers(self, sub: Subscriber, identity: Identity) -> list[asyncio.TimerHandle]:
+    def _timers(self, session: Session, identity: Identity) -> list[asyncio.TimerHandle]:
         """Token expiry and maximum lifetime: each ends the stream with a farewell."""
         loop = asyncio.get_running_loop()
         timers = []
@@ -313,201 +346,129 @@ class EventStream:
             exp = identity.grant.expires
             farewell = event(orjson.dumps({"exp": exp}).decode(), "token_expired")
             timers.append(
-                loop.call_later(max(0.0, seconds_left), sub.close, "token_expired", farewell)
+                loop.call_later(
+                    max(0.0, seconds_left), session.close, CloseReason.TOKEN_EXPIRED, farewell
+                )
             )
         if lifetime := self.settings.max_lifetime:
             lifetime *= 1 - 0.1 * random.random()
-            timers.append(loop.call_later(lifetime, sub.close, "max_lifetime", self.retry_hint()))
+            timers.append(
+                loop.call_later(
+                    lifetime, session.close, CloseReason.MAX_LIFETIME, self.retry_hint()
+                )
+            )
         return timers
 
     def retry_hint(self) -> bytes:
         """A ``retry:`` line with jitter, so clients told to leave do not all return at once."""
         return retry(max(100, int(self.settings.retry_ms * (0.5 + random.random()))))
 
-    async def _run(self, sub: Subscriber, request: StreamRequest, send: Send) -> None:
+    async def _open(self, session: Session, request: StreamRequest, asgi: AsgiSink) -> bool:
+        """Subscribe, send the preamble, then the replay, and go live. False when the stream
+        was refused instead (the engine could not serve it)."""
         try:
-            await self.hub.attach(sub)
+            through = await self.hub.attach(session)
             # The preamble goes out once every topic is subscribed: a client (or a test) that
             # has read ``: ok`` knows that every event published from then on reaches it.
-            await self._send(send, self.preamble)
-            sub.last_write = asyncio.get_running_loop().time()
-            replay = await self.engine.replay(request.topics, request.position)
-            await self._send_replay(sub, request.position, replay, send)
+            await asgi.send(self.preamble)
+            session.last_write = asyncio.get_running_loop().time()
+            if not session.closed:
+                replay = await self.engine.replay(request.topics, request.position)
+                await self._send_replay(session, request.position, replay, asgi, through)
         except EngineUnavailable as exc:
             message = INVALID_STORE if isinstance(exc, InvalidStore) else ENGINE_UNAVAILABLE
-            await self._fail(sub, send, "engine_unavailable", message, exc)
-            return
+            await self._fail(session, asgi, CloseReason.ENGINE_UNAVAILABLE, message, exc)
+            return False
         except HistoryBroken as exc:
             message = f"the history of topic {exc.topic!r} cannot be read"
-            await self._fail(sub, send, "history_unreadable", message, exc)
-            return
-        except TimeoutError:
-            sub.close("send_timeout")
-            return
-        try:
-            await self._write_live(sub, send)
-        except TimeoutError:
-            sub.close("send_timeout")
+            await self._fail(session, asgi, CloseReason.HISTORY_UNREADABLE, message, exc)
+            return False
+        return True
 
     async def _fail(
-        self, sub: Subscriber, send: Send, reason: str, message: str, exc: Exception
+        self, session: Session, asgi: AsgiSink, reason: CloseReason, message: str, exc: Exception
     ) -> None:
         log.warning("stream refused: %s", exc)
-        sub.close(reason)
+        session.close(reason)
         with contextlib.suppress(TimeoutError):
-            await self._send(send, self.refusal(reason, message))
-            await self._finish(send)
+            await asgi.send(self.refusal(reason.value, message))
+            await asgi.finish()
 
     async def _send_replay(
-        self, sub: Subscriber, position: Position | None, replay: Replay, send: Send
+        self,
+        session: Session,
+        position: Position | None,
+        replay: Replay,
+        asgi: AsgiSink,
+        through: int | None,
     ) -> None:
         """Send the replay page by page, each at most ``max_pending_bytes``, waiting for the
         client to take each before the next is read: memory per stream stays bounded whatever
         the history. Live frames are held meanwhile; if more arrive than that budget, they are
         dropped and the replay reads on to the clock of now instead, until it ends with what
         was held meanwhile intact (then released through the per-client id rule)."""
-        # A client that sent an id has everything up to it, unless a reset says otherwise
-        # (``since`` only bounds the replay: live events flow whatever their time).
-        after = replay.clock if position is None else 0
-        if position is not None and position.kind is PositionKind.LAST_EVENT_ID:
-            after = position.after_key
         page = await replay.next_page()
-        chunks = []
-        size = 0
+        # A client that sent an id has everything up to it, unless a reset says otherwise
+        # (``since`` only bounds the replay: live events flow whatever their time). A client
+        # with no position gets every live frame that reached this node after it joined.
+        if position is None:
+            after = known = replay.clock
+            if through is not None:
+                after = through
+        elif position.kind is PositionKind.LAST_EVENT_ID:
+            after = known = position.after_key
+        else:
+            after = known = 0
+        first = b""
         if replay.reset is not None:
-            chunks.append(reset_frame(replay, bool(page)))
+            first = reset_frame(replay, bool(page))
             self.metrics.resets.labels(replay.reset.reason.value).inc()
-            after = 0 if page else replay.clock
-        types = sub.types
+            after = known = 0 if page else replay.clock
+        session.start_replay(after, known)
         budget = self.settings.max_pending_bytes
-        skipped = False
-        while not sub.closed:
-            sent = sent_bytes = 0
-            for frame in page:
-                after = frame.key
-                if types is not None and frame.event not in types:
-                    skipped = True
-                    continue
-                skipped = False
-                chunks.append(frame.data)
-                size += len(frame.data)
-                sent_bytes += len(frame.data)
-                sent += 1
-                if size >= budget:
-                    await self._send(send, b"".join(chunks))
-                    chunks, size = [], 0
-            if chunks:
-                await self._send(send, b"".join(chunks))
-                chunks, size = [], 0
+        while not session.closed:
+            writes, sent, size = session.replay_page(page, budget)
+            if first:
+                writes[:1] = [first + writes[0]] if writes else [first]
+                first = b""
+            for data in writes:
+                await asgi.send(data)
             if sent:
-                sub.events += sent
-                self.metrics.sent(sent, sent_bytes, replayed=sent)
+                self.metrics.sent(sent, size, replayed=sent)
             if page:
                 page = await replay.next_page()
                 continue
-            if skipped and not replay.gaps:
-                sub.last_key = after
-                await self._send(send, sub.position_line())
-                skipped = False
-            if sub.held is None or not sub.held.dropped:
+            if (line := session.replay_ended(not replay.gaps)) is not None:
+                await asgi.send(line)
+            if not session.read_on():
                 break  # nothing is awaited from here to go_live: the held frames are whole
-            sub.held.again()
             await replay.extend()
             page = await replay.next_page()
-        if replay.gaps and not sub.closed:
+        if replay.gaps and not session.closed:
             # Retention removed events this replay had not read yet: end the stream at the
             # last event before the gap (nothing held is sent), so the client's reconnect from
             # there is told ``reset``.
             log.info("replay ended at a gap in the history of %s", ", ".join(replay.gaps))
-            sub.close("history_lost", self.retry_hint())
+            session.close(CloseReason.HISTORY_LOST, self.retry_hint())
             return
-        events, size = sub.go_live(after)
+        events, size = session.go_live()
         self.metrics.sent(events, size)
 
-    async def _write_live(self, sub: Subscriber, send: Send) -> None:
-        loop = asyncio.get_running_loop()
-        direct = direct_transport(send)
-        while True:
-            await sub.wake.wait()
-            sub.wake.clear()
-            if sub.closed:
-                break
-            chunk = sub.take()
-            if chunk:
-                await self._send(send, chunk)
-                sub.last_write = loop.time()
-            if direct is not None and not sub.chunks and not sub.closed:
-                sub.go_direct(direct, self.hub.dirty)
-                direct = None
-        if sub.reason not in SHED_REASONS:
-            if chunk := sub.take():
-                await self._send(send, chunk)
-            await self._finish(send)
-
-    async def _send(self, send: Send, chunk: bytes) -> None:
-        async with asyncio.timeout(self.settings.send_timeout):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-
-    async def _finish(self, send: Send) -> None:
-        try:
-            async with asyncio.timeout(self.settings.send_timeout):
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except TimeoutError:
-            pass
+    async def _farewell(self, session: Session, asgi: AsgiSink, direct: DirectSink | None) -> None:
+        """A closed session: end the response after what it still owes (unless it was shed)."""
+        if session.reason is not None and session.reason.shed:
+            return
+        if session.out:
+            if session.framing is not None and direct is not None:
+                direct.write(session.take())
+            else:
+                await asgi.send(session.take())
+        await asgi.finish()
 
 
-def direct_transport(send: Send) -> Transport | None:
-    """The transport under uvicorn's httptools protocol when it frames this response in
-    chunks: the hub may then write finished chunks to it itself. Anything else (h11, an
-    HTTP/1.0 client, a wrapped ``send``) goes through ASGI ``send``."""
-    cycle = getattr(send, "__self__", None)
-    if type(cycle).__module__ != "uvicorn.protocols.http.httptools_impl":
-        return None
-    if getattr(cycle, "chunked_encoding", None) is not True:
-        return None
-    transport: Transport | None = getattr(cycle, "transport", None)
-    return transport
-
-
-async def _wait_disconnect(receive: Receive) -> None:
+async def _watch_disconnect(receive: Receive, session: Session) -> None:
     while True:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
+            session.close(CloseReason.CLIENT_CLOSED)
             return
-
-
-def enable_keepalive(send: Send, idle: float) -> None:
-    """Probe an idle client after ``idle`` seconds and drop it when it stays silent, so a
-    vanished peer (no FIN, no RST) frees its connection in bounded time."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
-        return
-    idle_s = max(1, int(idle))
-    interval = max(1, idle_s // 3)
-    options = [
-        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), idle_s),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), interval),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
-        (
-            socket.IPPROTO_TCP,
-            getattr(socket, "TCP_USER_TIMEOUT", None),
-            (idle_s + interval * KEEPALIVE_PROBES) * 1000,
-        ),
-    ]
-    for level, name, value in options:
-        if name is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(level, name, value)
-
-
-async def _abort(send: Send) -> None:
-    """Drop the connection without flushing: a stalled peer would hold the buffer forever.
-
-    ASGI has no abort; uvicorn's ``send`` is a bound method of the cycle that owns the
-    transport. Elsewhere, returning without completing the response closes the connection."""
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    if transport is not None and hasattr(transport, "abort"):
-        transport.abort()
-        await asyncio.sleep(0)

@@ -168,6 +168,49 @@ class HeldFrames(Generic[T]):
         self.dropped = False
 
 
+def release(items: Iterable[T], after: int, key: Callable[[T], int]) -> list[T]:
+    """What was held while history was read through id ``after``: the items newer than it, in
+    the order they arrived (the rest was in what was read)."""
+    return [item for item in items if key(item) > after]
+
+
+class LinkScan(NamedTuple):
+    """What :func:`scan_links` found in one topic's entries."""
+
+    frames: list[Frame]
+    """The entries to hand on, in id order: up to the clock, and before any gap."""
+    last: int
+    """The last id checked against its back-link (where the next read starts)."""
+    missing: int
+    """In a first read: the highest back-link that skips entries (0 when none does)."""
+    gap: bool
+    """In a later read: a back-link skips entries; ``frames`` stop before it."""
+    past_clock: bool
+    """An entry above the clock was reached (it only proved the back-link before it)."""
+
+
+def scan_links(entries: Sequence[Entry], last: int, clock: int, *, opening: bool) -> LinkScan:
+    """Check each entry's back-link against the entry before it (``last`` for the first).
+
+    History after ``last`` is complete when the first entry points back at or before it and
+    each later entry points at the one before it. In the first read of a replay (``opening``),
+    a break is a ``reset`` to decide (``missing``); later, retention trimmed what was not yet
+    read, and the replay must stop before the break (``gap``). Ids above ``clock`` arrive live
+    and are not handed on."""
+    frames: list[Frame] = []
+    missing = 0
+    for frame, prev in entries:
+        if prev > last:
+            if not opening:
+                return LinkScan(frames, last, missing, True, False)
+            missing = max(missing, prev)
+        if frame.key > clock:
+            return LinkScan(frames, last, missing, False, True)
+        frames.append(frame)
+        last = frame.key
+    return LinkScan(frames, last, missing, False, False)
+
+
 class Replay:
     """The retained events after a position, merged in id order across topics and read page by
     page, so a replay holds about :data:`REPLAY_PAGE_BYTES` whatever the history.
@@ -224,9 +267,16 @@ class Replay:
         self._bytes = 0
         self._entries = 0
 
-    async def open(self) -> None:
-        """Read the clock, then (with a position) the first round, and decide the ``reset``."""
+    async def open(self, clock: int | None = None) -> None:
+        """Read the clock, then (with a position) the first round, and decide the ``reset``.
+
+        ``clock``: with no position, an id through which the caller already has every event
+        (the node's own position): nothing is read then, and :meth:`extend` reads on from it."""
         if self.history is None:
+            return
+        if self.position is None and clock is not None:
+            self.clock = clock
+            self._last = dict.fromkeys(self.topics, clock)
             return
         started = time.monotonic()
         head = await self.history.head()
@@ -294,27 +344,19 @@ class Replay:
             self._take(topic, result, count)
 
     def _take(self, topic: str, entries: list[Entry], count: int) -> None:
-        buffer = self._buffers[topic]
-        last = self._last[topic]
-        done = len(entries) < count
         if self._opening and (not entries or entries[0][1] == 0):
             self._unproven.append(topic)  # no entry after the position, or a history begun anew
-        for frame, prev in entries:
-            if prev > last:
-                if self._opening:
-                    self._missing[topic] = max(self._missing[topic], prev)
-                else:
-                    self._gap(topic, last)
-                    return
-            if frame.key > self.clock:
-                done = True  # later ids arrive live: this one only proved the back-link
-                break
-            buffer.append(frame)
-            last = frame.key
-            self._bytes += len(frame.data)
-            self._entries += 1
-        self._last[topic] = last
-        self._done[topic] = done
+        scan = scan_links(entries, self._last[topic], self.clock, opening=self._opening)
+        if scan.missing:
+            self._missing[topic] = max(self._missing[topic], scan.missing)
+        self._buffers[topic].extend(scan.frames)
+        self._bytes += sum(len(frame.data) for frame in scan.frames)
+        self._entries += len(scan.frames)
+        if scan.gap:
+            self._gap(topic, scan.last)
+            return
+        self._last[topic] = scan.last
+        self._done[topic] = scan.past_clock or len(entries) < count
 
     def _gap(self, topic: str, last: int) -> None:
         self.gaps.append(topic)
@@ -499,11 +541,14 @@ class Engine(abc.ABC):
         """Stop live frames for ``topic``; calls are applied in the order they are made."""
 
     @abc.abstractmethod
-    async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
+    async def replay(
+        self, topics: Sequence[str], position: Position | None, *, clock: int | None = None
+    ) -> Replay:
         """The retained events after ``position`` for ``topics``, opened (clock and first round
         read, ``reset`` decided) and read page by page with :meth:`Replay.next_page`.
 
-        With no position, only the clock is read (nothing is replayed)."""
+        With no position, only the clock is read (nothing is replayed), or nothing at all when
+        the caller gives it (``clock``: see :meth:`Replay.open`)."""
 
     @abc.abstractmethod
     async def publish(self, message: Message) -> str: ...

@@ -104,9 +104,11 @@ class MemoryEngine(Engine):
                 self.on_frame(topic, frame)
         return event_id
 
-    async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
+    async def replay(
+        self, topics: Sequence[str], position: Position | None, *, clock: int | None = None
+    ) -> Replay:
         replay = Replay(_MemoryHistory(self), topics, position, max_age=self.retention.max_age)
-        await replay.open()
+        await replay.open(clock)
         return replay
 
     def delivered_through(self) -> int | None:

@@ -38,6 +38,7 @@ from gateway.engines.base import (
     Replay,
     ResetReason,
     TopicRead,
+    release,
 )
 from gateway.publishing import PublishFailed
 from publisher.protocol import (
@@ -97,6 +98,12 @@ def _pubsub_pool(url: str) -> ConnectionPool:
         target.service, sentinel, db=target.db, username=target.username,
         password=target.password, **options,
     )  # fmt: skip
+
+
+def _held_key(item: tuple[str, Frame], covered: set[str]) -> int:
+    """A held frame's id, or above every id when the backfill did not read its topic."""
+    topic, frame = item
+    return frame.key if topic in covered else MAX_KEY + 1
 
 
 def _write_refusal(exc: Exception) -> str:
@@ -447,9 +454,9 @@ class RedisEngine(Engine):
         covered = set(backfill.topics)
         held, self._held = self._held.items if self._held is not None else [], None
         self._seen = max(self._seen or 0, clock)
-        for topic, frame in held:
-            if frame.key > clock or topic not in covered:
-                self._deliver(topic, frame)
+        # what arrived meanwhile and is newer than what was read (or of a topic it did not read)
+        for topic, frame in release(held, clock, lambda item: _held_key(item, covered)):
+            self._deliver(topic, frame)
         if count:
             self.observer.backfilled(count)
         self._links += 1
@@ -652,9 +659,11 @@ class RedisEngine(Engine):
 
     # -- history --------------------------------------------------------------------------------
 
-    async def replay(self, topics: Sequence[str], position: Position | None) -> Replay:
+    async def replay(
+        self, topics: Sequence[str], position: Position | None, *, clock: int | None = None
+    ) -> Replay:
         replay = Replay(self.history, topics, position, max_age=self.retention.max_age)
-        await replay.open()
+        await replay.open(clock)
         return replay
 
     async def publish(self, message: Message) -> str:

@@ -1,0 +1,182 @@
+"""What ``gateway.sinks`` relies on in uvicorn, checked against a real uvicorn server (the
+gateway's own httptools protocol) on a loopback port: if an upgrade changes any of it, these
+fail, naming what changed, instead of streams silently taking the slow path or hanging."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.protocol import CONNECTION_EXTENSION, check_uvicorn, protocol_class
+from gateway.sinks import (
+    HTTPTOOLS_MODULE,
+    DirectSink,
+    abort,
+    direct_sink,
+    http_chunk,
+    keepalive_options,
+    listen_with_keepalive,
+)
+
+TIMEOUT = 5.0
+Handler = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+
+async def serve(handler: Handler, request: bytes) -> tuple[bytes, dict[str, Any]]:
+    """Run ``handler`` as the ASGI app of a uvicorn server with the gateway's httptools
+    protocol, send it ``request`` from a raw client, and return what the client read (until
+    the server closed or the handler asked the client to hang up) and what the handler saw."""
+    seen: dict[str, Any] = {"hang_up": asyncio.Event(), "done": asyncio.Event()}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            await handler(scope, send, seen)
+        finally:
+            seen["done"].set()
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    config = uvicorn.Config(
+        app, http=protocol_class("httptools", 10.0, 65536), lifespan="off", log_level="error"
+    )
+    server = uvicorn.Server(config)
+    running = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while not server.started:
+                await asyncio.sleep(0.01)  # uvicorn offers no start event to await
+            reader, writer = await asyncio.open_connection(*listener.getsockname())
+            writer.write(request)
+            received = b""
+            while not seen["hang_up"].is_set():
+                read = asyncio.ensure_future(reader.read(65536))
+                hang_up = asyncio.ensure_future(seen["hang_up"].wait())
+                await asyncio.wait({read, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+                hang_up.cancel()
+                if not read.done():
+                    read.cancel()
+                    break
+                try:
+                    chunk = read.result()
+                except ConnectionError:
+                    seen["reset"] = True
+                    break
+                if not chunk:
+                    break
+                received += chunk
+            writer.close()
+            await seen["done"].wait()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(running, TIMEOUT)
+    return received, seen
+
+
+GET = b"GET /events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+GET_AND_CLOSE = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+START = {"type": "http.response.start", "status": 200, "headers": []}
+
+
+def test_uvicorn_still_has_what_the_protocol_subclasses_override() -> None:
+    check_uvicorn()
+
+
+def test_a_chunked_httptools_response_gets_a_direct_sink_that_writes_chunks() -> None:
+    async def handler(scope: dict[str, Any], send: Any, seen: dict[str, Any]) -> None:
+        cycle = getattr(send, "__self__", None)
+        seen["module"] = type(cycle).__module__
+        seen["connection"] = scope["extensions"].get(CONNECTION_EXTENSION)
+        await send(START)
+        seen["chunked"] = getattr(cycle, "chunked_encoding", None)
+        sink = direct_sink(scope, send)
+        assert sink is not None, seen
+        seen["buffered"] = sink.buffered()
+        sink.write(http_chunk(b"hello"))
+        lost = asyncio.Event()
+        sink.watch(lost.set)
+        seen["hang_up"].set()
+        async with asyncio.timeout(TIMEOUT):
+            await lost.wait()  # the protocol's connection_lost tells the sink
+        seen["lost"] = True
+        seen["closing"] = sink.transport.is_closing()
+
+    received, seen = asyncio.run(serve(handler, GET))
+    assert seen["module"] == HTTPTOOLS_MODULE
+    assert seen["connection"] is not None
+    assert seen["chunked"] is True
+    assert seen["buffered"] == 0
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"5\r\nhello\r\n"
+    assert seen["lost"]
+    assert seen["closing"]
+
+
+def test_the_end_of_a_direct_response_is_uvicorns_terminating_chunk() -> None:
+    async def handler(scope: dict[str, Any], send: Any, seen: dict[str, Any]) -> None:
+        await send(START)
+        sink = direct_sink(scope, send)
+        assert isinstance(sink, DirectSink)
+        sink.write(http_chunk(b"last"))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    received, _ = asyncio.run(serve(handler, GET_AND_CLOSE))
+    assert received.endswith(b"4\r\nlast\r\n0\r\n\r\n")
+
+
+def test_abort_drops_the_connection_without_the_terminating_chunk() -> None:
+    async def handler(scope: dict[str, Any], send: Any, seen: dict[str, Any]) -> None:
+        await send(START)
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        await abort(send)
+
+    received, _ = asyncio.run(serve(handler, GET))
+    assert received.endswith(b"1\r\nx\r\n")
+    assert not received.endswith(b"0\r\n\r\n")
+
+
+def test_an_http_1_0_response_is_not_chunked_and_gets_no_direct_sink() -> None:
+    async def handler(scope: dict[str, Any], send: Any, seen: dict[str, Any]) -> None:
+        await send(START)
+        seen["sink"] = direct_sink(scope, send)
+        await send({"type": "http.response.body", "body": b"plain", "more_body": False})
+
+    received, seen = asyncio.run(serve(handler, b"GET / HTTP/1.0\r\n\r\n"))
+    assert seen["sink"] is None
+    assert received.endswith(b"\r\n\r\nplain")
+
+
+def test_a_wrapped_send_gets_no_direct_sink() -> None:
+    async def handler(scope: dict[str, Any], send: Any, seen: dict[str, Any]) -> None:
+        async def wrapped(message: Any) -> None:
+            await send(message)
+
+        await wrapped(START)
+        seen["sink"] = direct_sink(scope, wrapped)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    _, seen = asyncio.run(serve(handler, GET_AND_CLOSE))
+    assert seen["sink"] is None
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux keepalive options")
+def test_keepalive_set_on_the_listener_is_inherited_by_each_connection() -> None:
+    """Linux copies a listening socket's options to the sockets it accepts: keepalive is set
+    once, not per connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listen_with_keepalive([listener], 30)
+        with socket.create_connection(listener.getsockname(), timeout=TIMEOUT):
+            accepted, _ = listener.accept()
+            with accepted:
+                for level, name, value in keepalive_options(30):
+                    assert accepted.getsockopt(level, name) == value, (level, name)
