@@ -217,7 +217,7 @@ _listeners_keepalive: float | None = None
 listener's options to each connection it accepts), or None."""
 
 
-def listen_with_keepalive(sockets: Iterable[socket.socket], idle: float) -> None:
+def listen_with_keepalive(sockets: Iterable[Any], idle: float) -> None:
     """Set TCP keepalive once on the listening sockets, so no connection needs it set."""
     global _listeners_keepalive
     sockets = list(sockets)
