@@ -11,7 +11,8 @@ import collections
 import urllib.parse
 from collections.abc import Sequence
 
-from tests.chaos.harness import BrowserParser, ChunkedDecoder, LoopThread, request_stream
+from tests.support.clients import BrowserParser, ChunkedDecoder, request_stream
+from tests.support.loop import LoopThread
 
 CONNECTING, OPEN, CLOSED = 0, 1, 2
 

@@ -17,8 +17,8 @@ import orjson
 
 from publisher import Publisher
 from tests.browser.eventsource import OPEN, Crowd, EventSourceLike
-from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
+from tests.support.proxy import LoadBalancer
 from tests.support.waiting import wait_until
 
 CLIENTS = 500

@@ -14,8 +14,8 @@ from typing import Any
 
 from publisher import Publisher
 from tests.browser.page import log_of, open_page
-from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
+from tests.support.proxy import LoadBalancer
 
 PAGES = 6
 """Each in a context of its own (a browser allows 6 connections per host and profile)."""

@@ -15,18 +15,11 @@ import urllib.parse
 
 import pytest
 
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    PublisherThread,
-    check_delivery,
-    socket_peers,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
 from tests.support.gateway import open_sockets
+from tests.support.invariants import Ledger, check_delivery, socket_peers, summary, wait_caught_up
+from tests.support.publishing import PublisherThread
 from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"churn-live{i}" for i in range(4)]

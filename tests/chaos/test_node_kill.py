@@ -8,15 +8,9 @@ import signal
 
 import pytest
 
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    check_delivery,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
 from tests.support.waiting import let_time_pass
 
 TOPICS = [f"node{i}" for i in range(5)]

@@ -12,18 +12,10 @@ import pytest
 
 from publisher import Publisher
 from publisher.protocol import id_key
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    Published,
-    Publishes,
-    check_delivery,
-    spread_topics,
-    stored_tags,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
+from tests.support.invariants import Ledger, check_delivery, stored_tags, summary, wait_caught_up
+from tests.support.publishing import Published, Publishes
 from tests.support.waiting import WaitTimeout, let_time_pass, wait_until
 
 TOPICS = [f"retry{i}" for i in range(5)]

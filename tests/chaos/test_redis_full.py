@@ -20,20 +20,18 @@ import pytest
 import redis
 
 from publisher.redis_transport import SCRIPT_SHA
-from tests.chaos.harness import (
-    Chaos,
+from tests.chaos.harness import Chaos
+from tests.support.clients import SSEClient, spread_topics, wait_connected
+from tests.support.gateway import GatewayProcess
+from tests.support.invariants import (
     Ledger,
-    LoadBalancer,
-    SSEClient,
-    _tag,
     check_delivery,
-    spread_topics,
     stored_tags,
     summary,
+    tag_of,
     wait_caught_up,
-    wait_connected,
 )
-from tests.support.gateway import GatewayProcess
+from tests.support.proxy import LoadBalancer
 from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"full{i}" for i in range(5)]
@@ -164,6 +162,6 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
     with contextlib.closing(server.client()) as admin:
         stored = set(stored_tags(admin, chaos.prefix, TOPICS))
     assert not stored & failed, f"refused publishes were stored: {sorted(stored & failed)[:3]}"
-    delivered = {tag for c in clients for r in c.received if (tag := _tag(r.data))}
+    delivered = {tag for c in clients for r in c.received if (tag := tag_of(r.data))}
     assert not delivered & failed, f"refused publishes delivered: {sorted(delivered & failed)[:3]}"
     check_delivery(clients, ledger)

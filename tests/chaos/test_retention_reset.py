@@ -12,15 +12,9 @@ import pytest
 
 from publisher import Retention
 from publisher.protocol import id_key
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    check_delivery,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
 from tests.support.waiting import let_time_pass
 
 TOPICS = ["keep0", "keep1", "keep2"]

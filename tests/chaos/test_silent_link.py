@@ -9,15 +9,9 @@ import time
 
 import pytest
 
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    check_delivery,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
 from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"silent{i}" for i in range(5)]

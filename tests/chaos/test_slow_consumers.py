@@ -8,16 +8,10 @@ import contextlib
 
 import pytest
 
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    check_delivery,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import spread_topics, wait_connected
 from tests.support.gateway import open_sockets
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
 from tests.support.waiting import WaitTimeout, let_time_pass, wait_until
 
 HOT = "slow-hot"

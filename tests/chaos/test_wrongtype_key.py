@@ -18,18 +18,11 @@ import pytest
 import redis
 
 from publisher.protocol import Keys
-from tests.chaos.harness import (
-    Chaos,
-    Ledger,
-    PublisherThread,
-    SSEClient,
-    check_delivery,
-    spread_topics,
-    summary,
-    wait_caught_up,
-    wait_connected,
-)
+from tests.chaos.harness import Chaos
+from tests.support.clients import SSEClient, spread_topics, wait_connected
 from tests.support.gateway import GatewayProcess
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
+from tests.support.publishing import PublisherThread
 from tests.support.waiting import let_time_pass, wait_until
 
 TOPICS = [f"good{i}" for i in range(5)]

@@ -49,18 +49,15 @@ import pytest
 import yaml
 
 from publisher import Publisher, Retention
-from tests.chaos.harness import (
+from tests.support.clients import (
     ClientPool,
-    Ledger,
-    PublisherThread,
     SSEClient,
     StalledClients,
-    check_delivery,
     spread_topics,
-    summary,
-    wait_caught_up,
     wait_connected,
 )
+from tests.support.invariants import Ledger, check_delivery, summary, wait_caught_up
+from tests.support.publishing import PublisherThread
 from tests.support.sse import SSEStream, collect, open_stream
 from tests.support.topology import ROOT, ComposeNode, Topology
 from tests.support.waiting import WaitTimeout, wait_until

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from tests.browser.conftest import browser
-from tests.chaos.harness import LoadBalancer
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
+from tests.support.proxy import LoadBalancer
 from tests.support.tokens import SECRET
 
 __all__ = ["browser"]
@@ -71,8 +71,9 @@ class ExampleProcess:
 
     def _read(self, lines: queue.Queue[str]) -> None:
         assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            lines.put(raw.decode("utf-8", "replace"))
+        with self.process.stdout as stdout:  # closed at the end of the output
+            for raw in stdout:
+                lines.put(raw.decode("utf-8", "replace"))
         lines.put("")
 
     def output(self) -> str:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.chaos.harness import LoadBalancer
 from tests.examples.conftest import ROOT, ExampleProcess, readme_command, screenshot
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
+from tests.support.proxy import LoadBalancer
 
 WAIT_MS = 15_000
 NODE_ARGS = ("--drain-seconds", "1", "--retry-ms", "500")

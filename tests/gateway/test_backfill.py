@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import redis
 from publisher import Publisher
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
+from tests.support.proxy import FreezingProxy
 from tests.support.sse import SSEStream, open_stream
 from tests.support.waiting import let_time_pass_async, wait_until
 
@@ -235,71 +235,12 @@ def test_each_running_node_listens_on_a_probe_channel_of_its_own(
     wait_until(lambda: len(probe_channels()) == 1, "the stopped node left its probe channel")
 
 
-class BlackholeProxy:
-    """A TCP proxy to Redis whose connections can each be frozen: kept open, but nothing is
-    forwarded any more, which is what a link left on a dead or demoted server looks like."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.frozen_ports: set[int] = set()
-        self.upstream_ports: list[int] = []
-        self.sockets: list[socket.socket] = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                downstream, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            port = upstream.getsockname()[1]
-            self.sockets += [downstream, upstream]
-            self.upstream_ports.append(port)
-            for source, target in ((downstream, upstream), (upstream, downstream)):
-                threading.Thread(
-                    target=self._pump, args=(source, target, port), daemon=True
-                ).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket, port: int) -> None:
-        with contextlib.suppress(OSError):
-            while not self.closed:
-                if port in self.frozen_ports:
-                    time.sleep(0.02)  # a frozen link: nothing is read, nothing forwarded
-                    continue
-                data = source.recv(65536)
-                if not data:
-                    break
-                if port in self.frozen_ports:
-                    continue  # the link went dead while this was in flight
-                target.sendall(data)
-        with contextlib.suppress(OSError):
-            target.shutdown(socket.SHUT_WR)
-
-    def freeze(self, upstream_port: int) -> None:
-        self.frozen_ports.add(upstream_port)
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
 @pytest.fixture
-def proxy(redis_url: str) -> Iterator[BlackholeProxy]:
+def proxy(redis_url: str) -> Iterator[FreezingProxy]:
     upstream = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
     if upstream.get("host") not in ("127.0.0.1", "localhost"):
-        pytest.skip("the blackhole proxy needs a loopback Redis")
-    scene = BlackholeProxy(int(upstream["port"]))
+        pytest.skip("the freezing proxy needs a loopback Redis")
+    scene = FreezingProxy(int(upstream["port"]), "backfill-freezing-proxy")
     yield scene
     scene.close()
 
@@ -310,7 +251,7 @@ def test_the_self_probe_replaces_a_silent_link_and_backfills_what_it_missed(
     redis_client: redis.Redis,
     gateway_factory: GatewayFactory,
     publishing: Publishing,
-    proxy: BlackholeProxy,
+    proxy: FreezingProxy,
 ) -> None:
     gateway = gateway_factory(
         "--prefix", prefix, "--probe-interval", "1", "--log-level", "info", redis_url=proxy.url

@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from publisher import Publisher
-from tests.chaos.harness import BlackholeProxy
 from tests.conftest import GatewayFactory
 from tests.support import redis_server
+from tests.support.proxy import BlackholeProxy
 from tests.support.sse import SSEStream, collect, first_event, open_stream
 from tests.support.waiting import elapsed_until, let_time_pass_async, wait_until_async
 
