@@ -22,6 +22,7 @@ from gateway.sinks import (
     keepalive_options,
     listen_with_keepalive,
 )
+from tests.support.waiting import wait_until_async
 
 TIMEOUT = 5.0
 Handler = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -50,9 +51,8 @@ async def serve(handler: Handler, request: bytes) -> tuple[bytes, dict[str, Any]
     server = uvicorn.Server(config)
     running = asyncio.create_task(server.serve(sockets=[listener]))
     try:
+        await wait_until_async(lambda: server.started, "uvicorn started", TIMEOUT, 0.01)
         async with asyncio.timeout(TIMEOUT):
-            while not server.started:
-                await asyncio.sleep(0.01)  # uvicorn offers no start event to await
             reader, writer = await asyncio.open_connection(*listener.getsockname())
             writer.write(request)
             received = b""
