@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
 
 from gateway.config import ENV_PREFIX, Settings, add_arguments, settings_from
 from tests.support.gateway import GatewayProcess
 from tests.support.ports import free_port
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,64 +180,23 @@ def with_address(url: str, host: str, port: int) -> str:
 # -- Redis ------------------------------------------------------------------------------------
 
 
-class RedisFromConf:
+def redis_from_conf(conf: Path, directory: Path) -> RedisServer:
     """redis-server with a copy of deploy/redis.conf whose ``port``, ``bind`` and ``dir``
     directives are replaced (Redis applies ``dir`` as it reads it, so a container path cannot
     be overridden on the command line: it fails first)."""
-
-    def __init__(self, conf: Path, directory: Path) -> None:
-        self.binary = require("redis-server", "redis-server")
-        self.source = conf
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        text = conf.read_text()
-        self.password = _directive(text, "requirepass")
-        values = {"port": str(self.port), "bind": LOOPBACK, "dir": str(self.dir)}
-        for name, value in values.items():
-            text, found = re.subn(rf"(?im)^\s*{name}\s.*$", f"{name} {value}", text)
-            if not found:
-                text += f"\n{name} {value}\n"
-        self.conf = self.dir / "redis.conf"
-        self.conf.write_text(text)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def url(self, template: str | None = None) -> str:
-        return with_address(template or "redis://redis:6379/0", LOOPBACK, self.port)
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(host=LOOPBACK, port=self.port, password=self.password, socket_timeout=5)
-
-    def start(self, timeout: float = 20.0) -> RedisFromConf:
-        overrides = []
-        if (_directive(self.conf.read_text(), "daemonize") or "no") != "no":
-            overrides += ["--daemonize", "no"]
-        log = open(self.dir / "redis.log", "wb")  # noqa: SIM115 (closed with the process)
-        self.process = subprocess.Popen(
-            [self.binary, str(self.conf), *overrides], stdout=log, stderr=subprocess.STDOUT
-        )
-        log.close()
-        with contextlib.closing(self.client()) as client:
-
-            def answers() -> bool:
-                if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server exited:\n{self.log()}")
-                try:
-                    return bool(client.ping())
-                except redis.ConnectionError:
-                    return False
-
-            wait_until(answers, "redis-server to answer", timeout)
-        return self
-
-    def log(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.dir / "redis.log").read_text(errors="replace")[-3000:]
-        return ""
-
-    def close(self) -> None:
-        _stop(self.process, signal.SIGTERM)
-        self.process = None
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    text = conf.read_text()
+    values = {"port": str(port), "bind": LOOPBACK, "dir": str(directory)}
+    for name, value in values.items():
+        text, found = re.subn(rf"(?im)^\s*{name}\s.*$", f"{name} {value}", text)
+        if not found:
+            text += f"\n{name} {value}\n"
+    copy = directory / "redis.conf"
+    copy.write_text(text)
+    binary = require("redis-server", "redis-server")
+    password = _directive(text, "requirepass")
+    return RedisServer(binary, conf=copy, port=port, directory=directory, password=password)
 
 
 def _directive(text: str, name: str) -> str | None:
@@ -268,7 +227,7 @@ class ComposeNode(GatewayProcess):
     the listen address, the Redis URL's host and port, and the metrics directory (when the
     environment names one) substituted."""
 
-    def __init__(self, service: Service, redis_server: RedisFromConf, port: int, tmp: Path):
+    def __init__(self, service: Service, redis_server: RedisServer, port: int, tmp: Path):
         super().__init__()
         self.service = service
         self.port = port
@@ -278,13 +237,13 @@ class ComposeNode(GatewayProcess):
         env[ENV_PREFIX + "HOST"] = LOOPBACK
         env[ENV_PREFIX + "PORT"] = str(port)
         if url := env.get(ENV_PREFIX + "REDIS_URL"):
-            env[ENV_PREFIX + "REDIS_URL"] = redis_server.url(url)
+            env[ENV_PREFIX + "REDIS_URL"] = with_address(url, LOOPBACK, redis_server.port)
         if "PROMETHEUS_MULTIPROC_DIR" in service.environment:
             env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / f"metrics-{service.name}-{port}")
         self.env = env
         self.command = self._native(service.command, redis_server)
 
-    def _native(self, command: list[str], redis_server: RedisFromConf) -> list[str]:
+    def _native(self, command: list[str], redis_server: RedisServer) -> list[str]:
         at = next(
             i for i, part in enumerate(command)
             if Path(part).name == "sse-gateway" or part == "gateway.cli"
@@ -295,7 +254,8 @@ class ComposeNode(GatewayProcess):
             if name in ("--host", "--port", "--redis-url"):
                 new = {"--host": LOOPBACK, "--port": str(self.port)}.get(name)
                 if new is None:
-                    new = redis_server.url(value if equals else args[index + 1])
+                    template = value if equals else args[index + 1]
+                    new = with_address(template, LOOPBACK, redis_server.port)
                 if equals:
                     args[index] = f"{name}={new}"
                 else:
@@ -543,7 +503,7 @@ class Topology:
         self.tmp.chmod(0o755)
         self.services = compose_services(root)
         self.node_services = gateway_nodes(self.services)
-        self.redis = RedisFromConf(root / "deploy" / "redis.conf", self.tmp / "redis")
+        self.redis = redis_from_conf(root / "deploy" / "redis.conf", self.tmp / "redis")
         self.ports = {service.name: free_port() for service in self.node_services}
         self.nodes: dict[str, ComposeNode] = {}
         self.nginx: Nginx | None = None
@@ -578,7 +538,7 @@ class Topology:
         return self.nodes[name]
 
     def logs(self) -> str:
-        parts = [f"--- redis\n{self.redis.log()}"]
+        parts = [f"--- redis\n{self.redis.log_tail()}"]
         parts += [f"--- {name}\n{node.output()[-3000:]}" for name, node in self.nodes.items()]
         if self.nginx is not None:
             parts.append(f"--- nginx\n{self.nginx.log()}")
