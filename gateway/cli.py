@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import logging.config
@@ -75,6 +76,7 @@ class GatewayServer(uvicorn.Server):
                 listen_with_keepalive(
                     [sock for server in self.servers for sock in server.sockets], idle
                 )
+            settle_collector()
             self.gateway.listening()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -116,6 +118,21 @@ class GatewayServer(uvicorn.Server):
             if not self.gateway.stream.admission.open:
                 break
             await asyncio.sleep(FORCE_STEP)
+
+
+GC_THRESHOLDS = (10_000, 10, 10)
+"""The collector's generation thresholds (Python's default: 700, 10, 10). Each connection
+allocates a few hundred objects, many of them long-lived; at the default the youngest
+generation is collected every few connections and long-lived objects are traversed again and
+again: a tenth of the CPU a connection costs, measured on a 2000/s connect ramp."""
+
+
+def settle_collector() -> None:
+    """Once started: the objects of the process's start (modules, the app) are never garbage,
+    so the collector stops traversing them (``gc.freeze``), and collects less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _has(module: str) -> bool:

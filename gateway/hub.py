@@ -94,6 +94,7 @@ class Hub:
             topic = self._topics.get(name)
             if topic is None:
                 topic = self._topics[name] = _Topic(self._subscribe(name))
+                self.metrics.hub_topics.set(len(self._topics))
             elif topic.ready.done() and (
                 topic.ready.cancelled() or topic.ready.exception() is not None
             ):
@@ -104,7 +105,6 @@ class Hub:
             topic.subscribers.add(sub)
             if not topic.ready.done():
                 waits.append(topic.ready)
-        self.metrics.hub_topics.set(len(self._topics))
         for ready in waits:
             await asyncio.shield(ready)
         return through

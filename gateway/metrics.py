@@ -49,9 +49,12 @@ class Metrics(EngineObserver):
             ["outcome"],
             registry=r,
         )
+        self.accepted = self.attempts.labels("accepted")
+        """The ``accepted`` child, resolved once: it is counted per connection."""
         self.disconnects = Counter(
             "sse_disconnects", "SSE streams closed, by reason", ["reason"], registry=r
         )
+        self._disconnects: dict[str, Counter] = {}
         self.rejected = Counter(
             "sse_requests_rejected",
             "Requests answered with an error status, by status code",
@@ -168,6 +171,13 @@ class Metrics(EngineObserver):
             self.bytes_delivered.inc(size)
         if replayed:
             self.replayed.inc(replayed)
+
+    def disconnected(self, reason: str) -> None:
+        """One stream closed for ``reason`` (each reason's child resolved once)."""
+        child = self._disconnects.get(reason)
+        if child is None:
+            child = self._disconnects[reason] = self.disconnects.labels(reason)
+        child.inc()
 
     # -- node state -----------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from starlette.types import Scope, Send
@@ -142,15 +142,14 @@ class AsgiSink:
             if wait is not None:
                 wait.reschedule(now)
 
-    @contextlib.asynccontextmanager
-    async def opening(self) -> AsyncIterator[None]:
-        """The opening of a stream, cut short (TimeoutError) when its client leaves."""
-        async with asyncio.timeout(None) as opening:
-            self._opening = opening
-            try:
-                yield
-            finally:
-                self._opening = None
+    def opening(self) -> asyncio.Timeout:
+        """A timeout with no deadline around the opening of a stream: it cuts the opening
+        short (TimeoutError) when the client leaves. Call :meth:`opened` after it."""
+        self._opening = opening = asyncio.timeout(None)
+        return opening
+
+    def opened(self) -> None:
+        self._opening = None
 
     def woken(self) -> asyncio.Future[None]:
         """A future done at the next :meth:`wake` (bounded by the session: every close wakes
