@@ -3,6 +3,8 @@ and real ``sse-gateway pg-bridge`` processes."""
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from publisher.subscriber import Event, subscribe
 from tests.conftest import GatewayFactory
 from tests.support.gateway import GatewayProcess
 from tests.support.postgres import own_database
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -46,11 +49,31 @@ class Bridges:
             "--url", url, "--prefix", prefix, "--batch-size", "25",
         ]  # fmt: skip
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.logged: dict[int, bytes] = {}
+        """What each bridge (by pid) wrote to stderr before it was listening."""
 
-    def start(self, poll_interval: float = 0.5) -> subprocess.Popen[bytes]:
+    def start(self, poll_interval: float = 0.5, listening: bool = False) -> subprocess.Popen[bytes]:
+        """A bridge; with ``listening``, once its ``listening on`` line was written (its SIGTERM
+        handler is then in place, and a second bridge runs at the same time as the first)."""
         args = [*self.args, "--poll-interval", str(poll_interval)]
         process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.processes.append(process)
+        if not listening:
+            return process
+        assert process.stderr is not None
+        fd = process.stderr.fileno()
+        logged = b""
+
+        def ready() -> bool:
+            nonlocal logged
+            while select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 4096)
+                assert chunk, f"the bridge exited: {logged!r}"
+                logged += chunk
+            return b"listening on" in logged
+
+        wait_until(ready, "the bridge listening", 30)
+        self.logged[process.pid] = logged
         return process
 
     def stop(self) -> None:
@@ -64,9 +87,10 @@ class Bridges:
             except subprocess.TimeoutExpired:
                 process.kill()
                 _, err = process.communicate(timeout=5)
+            err = self.logged.get(process.pid, b"") + (err or b"")
             if process in stopped:
                 assert process.returncode == 0, err
-                assert b"Traceback" not in (err or b""), err
+                assert b"Traceback" not in err, err
         self.processes.clear()
 
 
@@ -212,7 +236,7 @@ def test_two_bridges_at_once_publish_each_row_once(
     """Issue 12 item 5: two bridges running at once publish each row once, in commit order."""
     dsn, bridges, gateway = setup
     collector = Collector(gateway)
-    first, second = bridges.start(), bridges.start()
+    first, second = bridges.start(listening=True), bridges.start(listening=True)
     write_changes(dsn, 2, 150)
     collector.wait_for(300)
     assert first.poll() is None
