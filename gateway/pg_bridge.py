@@ -106,6 +106,10 @@ def install(settings: BridgeSettings) -> None:
         conn.execute(outbox_sql(settings.channel).encode())
 
 
+STOP_CHECK = 0.25
+"""Seconds between two looks at whether the bridge was told to stop while it waits."""
+
+
 class Bridge:
     def __init__(self, settings: BridgeSettings, publisher: Publisher) -> None:
         self.settings = settings
@@ -156,10 +160,20 @@ class Bridge:
                 if settings.keep_sent > 0 and count is not None and now >= prune_at:
                     conn.execute(PRUNE, (settings.keep_sent,))
                     prune_at = now + 60.0
-                # Wait for a commit's wake-up, at most one poll interval (a missed NOTIFY, or
-                # the active bridge stopping, is then noticed by the poll).
-                for _ in conn.notifies(timeout=settings.poll_interval, stop_after=1):
-                    pass
+                self.wait_for_commit(conn)
+
+    def wait_for_commit(self, conn: psycopg.Connection[Any]) -> None:
+        """Wait for a commit's wake-up, at most one poll interval (a missed NOTIFY, or the
+        active bridge stopping, is then noticed by the poll). The wait is taken in slices of
+        ``STOP_CHECK`` seconds: a signal does not interrupt it (Python resumes the wait after
+        EINTR), and a stopped bridge must not sit out a long poll interval."""
+        deadline = time.monotonic() + self.settings.poll_interval
+        while not self.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            for _ in conn.notifies(timeout=min(STOP_CHECK, left), stop_after=1):
+                return
 
     def stop(self) -> None:
         self.stopping.set()

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -331,3 +332,20 @@ def test_commits_during_a_batch_are_not_left_for_the_next_poll(
     collector.wait_for(300, timeout=20)
     bridges.stop()
     assert [v["n"] for v in collector.finish(redis_url, prefix)] == list(range(1, 301))
+
+
+def test_an_idle_bridge_stops_at_once_on_sigterm(
+    setup: tuple[str, Bridges, GatewayProcess],
+) -> None:
+    """A bridge waiting for a commit's wake-up (up to its poll interval, here 60 s) ends
+    within a second or two of SIGTERM, as a container's stop expects, not at the next poll."""
+    _, bridges, _ = setup
+    bridge = bridges.start(poll_interval=60, listening=True)
+    started = time.monotonic()
+    bridge.send_signal(signal.SIGTERM)
+    try:
+        bridge.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the idle bridge was still running 5 s after SIGTERM")
+    assert time.monotonic() - started < 5
+    assert bridge.returncode == 0
