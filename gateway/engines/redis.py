@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -73,6 +74,8 @@ LINK_TIMEOUT = 5.0
 BACKFILL_HELD_BYTES = 32 << 20
 """Live frames kept while a reconnected link backfills; past this they are let go and the
 backfill reads on from the streams to a newer clock instead."""
+HEAD_WINDOW = 0.002
+"""Seconds a clock read waits for others to share it (streams opening together)."""
 MAX_KEY = (1 << 128) - 1
 _BODY = STREAM_FIELD.encode()
 _PREV = PREV_FIELD.encode()
@@ -104,6 +107,24 @@ def _held_key(item: tuple[str, Frame], covered: set[str]) -> int:
     """A held frame's id, or above every id when the backfill did not read its topic."""
     topic, frame = item
     return frame.key if topic in covered else MAX_KEY + 1
+
+
+def _consume_exception(future: asyncio.Future[Any]) -> None:
+    """Every waiter of a shared read may have left: its failure is theirs, not the loop's."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _settle(batch: asyncio.Future[Head], read: asyncio.Task[Head]) -> None:
+    """Hand the shared read's outcome to everyone waiting for it."""
+    if batch.done():
+        return
+    if read.cancelled():
+        batch.cancel()
+    elif (exc := read.exception()) is not None:
+        batch.set_exception(exc)
+    else:
+        batch.set_result(read.result())
 
 
 def _write_refusal(exc: Exception) -> str:
@@ -149,8 +170,28 @@ class RedisHistory(History):
         self.keys = keys
         self.slots = slots
         self.observer = EngineObserver()
+        self._next_head: asyncio.Future[Head] | None = None
+        """The clock read that callers may still join: it has not been sent yet."""
 
     async def head(self) -> Head:
+        """Callers within :data:`HEAD_WINDOW` share one read: new streams arriving together
+        (a connect ramp, a reconnect storm) make one round trip, not one each. Still exact:
+        the shared read is sent after each caller asked for it, so after its subscribe."""
+        batch = self._next_head
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._next_head = loop.create_future()
+            batch.add_done_callback(_consume_exception)
+            loop.call_later(HEAD_WINDOW, self._send_head, batch)
+        return await asyncio.shield(batch)
+
+    def _send_head(self, batch: asyncio.Future[Head]) -> None:
+        if self._next_head is batch:
+            self._next_head = None  # from here on, a caller waits for the next read
+        task = asyncio.create_task(self._read_head())
+        task.add_done_callback(functools.partial(_settle, batch))
+
+    async def _read_head(self) -> Head:
         try:
             async with self.slots, self.client.pipeline(transaction=False) as pipe:
                 pipe.mget(self.keys.clock, self.keys.origin)
