@@ -191,6 +191,7 @@ class StormResult:
     reconnected: int = 0
     with_last_event_id: int = 0
     reconnect_failed: int = 0
+    reconnect_fail_reasons: dict[str, int] = field(default_factory=dict)
     resumed: int = 0
     all_resumed_s: float | None = None
     """From the reconnect signal to the last client's last event; None when not all resumed."""

@@ -102,6 +102,9 @@ def storm_row(r: StormResult) -> list[str]:
     marks = ["ERROR"] if r.error else []
     if r.lost or r.duplicates:
         marks.append("LOST/DUPS!")
+    if r.reconnect_failed:
+        why = ",".join(f"{k}={v}" for k, v in r.reconnect_fail_reasons.items())
+        marks.append(f"reconnect failed({why})")
     if r.disconnected_early:
         marks.append(f"dropped={r.disconnected_early}({','.join(r.disconnect_reasons)})")
     marks.append("pass" if r.passed else "FAIL")

@@ -25,6 +25,9 @@ just after answering, such as a first read from Redis, still belongs to the conn
 LEAVE_WAIT_S = 10.0
 STORM_WARM_EVENTS = 3
 """Events every client receives before the drop, so that each has an id to resume from."""
+STORM_CONNECT_TIMEOUT_S = 120.0
+"""A reconnecting client waits this long for its response headers, as a browser's TCP connect
+(SYNs retried 1, 3, 7, 15, 31, 63 s after a full accept queue dropped them) does."""
 STORM_SETTLE_S = 2.0
 """After the warm-up events (for them to reach every client) and after the drop (for the server
 to see every stream close, as a node's clients arrive at another node that never saw them)."""
@@ -325,7 +328,7 @@ class Bench:
             spec = replace(
                 self._load(server, clients, connect_s + 600, 0.0),
                 ready_file=log.with_suffix(".ready"), storm_file=log.with_suffix(".storm"),
-                connect_timeout=30.0, resume_seq=warm + behind,
+                connect_timeout=STORM_CONNECT_TIMEOUT_S, resume_seq=warm + behind,
             )  # fmt: skip
             load = LoadRun(self.sseload, spec)
             if not load.wait_ready(timeout=connect_s + 60):
@@ -340,7 +343,7 @@ class Bench:
             time.sleep(STORM_SETTLE_S)
             before = sample_tree(server.process.pid)
             load.signal(signal.SIGUSR2)
-            if not load.wait_storm("settled", timeout=max(60.0, clients / 100)):
+            if not load.wait_storm("settled", timeout=STORM_CONNECT_TIMEOUT_S + 60):
                 result.notes.append("not every client resumed, failed or ended in time")
             after = sample_tree(server.process.pid)
             result.storm_cpu_s = after.cpu_s - before.cpu_s
@@ -377,6 +380,8 @@ class Bench:
         result.reconnected = count("reconnected")
         result.with_last_event_id = count("with_last_event_id")
         result.reconnect_failed = count("failed")
+        reasons = storm.get("fail_reasons") or {}
+        result.reconnect_fail_reasons = {str(k): int(v) for k, v in reasons.items() if v}
         result.resumed = count("resumed")
         all_resumed = float(storm.get("all_resumed_s", -1))
         result.all_resumed_s = all_resumed if all_resumed >= 0 else None

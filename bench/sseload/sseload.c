@@ -202,6 +202,7 @@ typedef struct stats {
     uint64_t disconnected_early, eof_early, err_early, proto_err, end_of_stream;
     uint64_t non_sse_ctype;
     uint64_t storm_dropped, storm_connected, storm_failed, storm_resumed, storm_with_id, long_ids;
+    uint64_t storm_connect_err, storm_timeouts, storm_bad_status, storm_bad_response;
     uint64_t status[600];
     uint64_t hist[H_NBUCKETS];
     uint64_t lat_count, lat_max;
@@ -349,8 +350,13 @@ static void conn_close(thr_t *t, conn_t *c, int reason)
     c->req = NULL;
     if (c->reopened) {
         /* storm mode: the reconnect ended (refused, timed out, or the stream went) */
-        if (!was_streaming)
+        if (!was_streaming) {
             t->st.storm_failed++;
+            if (reason == CR_TIMEOUT) t->st.storm_timeouts++;
+            else if (reason == CR_HTTP_STATUS) t->st.storm_bad_status++;
+            else if (reason == CR_BAD_RESPONSE || reason == CR_PROTO) t->st.storm_bad_response++;
+            else t->st.storm_connect_err++;
+        }
         else if (reason != CR_NONE && !g_stop)
             t->st.disconnected_early++;
         storm_client_done(c, elapsed_now());
@@ -1617,6 +1623,7 @@ int main(int argc, char **argv)
         ADD(non_sse_ctype); ADD(lat_count); ADD(lat_sum);
         ADD(storm_dropped); ADD(storm_connected); ADD(storm_failed); ADD(storm_resumed);
         ADD(storm_with_id); ADD(long_ids);
+        ADD(storm_connect_err); ADD(storm_timeouts); ADD(storm_bad_status); ADD(storm_bad_response);
 #undef ADD
         if (s->last_retry_ms)
             S.last_retry_ms = s->last_retry_ms;
@@ -1761,6 +1768,9 @@ int main(int argc, char **argv)
                        ",\"failed\":%" PRIu64 ",\"resumed\":%" PRIu64 ",\"not_resumed\":%" PRIu64,
                     G.resume_seq, S.storm_dropped, behind_min, behind_max, S.storm_connected,
                     S.storm_with_id, S.storm_failed, S.storm_resumed, S.storm_dropped - S.storm_resumed);
+            fprintf(f, ",\"fail_reasons\":{\"connect_error\":%" PRIu64 ",\"timeout\":%" PRIu64
+                       ",\"http_status\":%" PRIu64 ",\"bad_response\":%" PRIu64 "}",
+                    S.storm_connect_err, S.storm_timeouts, S.storm_bad_status, S.storm_bad_response);
             fprintf(f, ",\"started_at_s\":%.3f,\"all_resumed_s\":%.3f,\"settled_s\":%.3f",
                     g_storm_at, g_all_resumed_at >= 0 ? g_all_resumed_at - g_storm_at : -1.0,
                     g_storm_settled_at >= 0 ? g_storm_settled_at - g_storm_at : -1.0);

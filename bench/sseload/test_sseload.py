@@ -467,7 +467,8 @@ def main():
         and st["lost"] == 15
         and st["all_resumed_s"] == -1
         and st["settled_s"] >= 0
-        and r["http_status"].get("503") == 3,
+        and r["http_status"].get("503") == 3
+        and st["fail_reasons"]["http_status"] == 3,
         r,
     )
 
