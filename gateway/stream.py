@@ -28,6 +28,7 @@ from gateway.cors import CorsPolicy, Headers
 from gateway.engines.base import (
     Engine,
     EngineUnavailable,
+    Frame,
     HistoryBroken,
     InvalidStore,
     Position,
@@ -383,8 +384,7 @@ class EventStream:
                 await asgi.send(self.preamble)
             session.last_write = asyncio.get_running_loop().time()
             if not session.closed:
-                replay = await self.engine.replay(request.topics, request.position)
-                await self._send_replay(session, request.position, replay, asgi, through)
+                await self._send_replay(session, request, asgi, through)
         except EngineUnavailable as exc:
             message = INVALID_STORE if isinstance(exc, InvalidStore) else ENGINE_UNAVAILABLE
             await self._fail(session, asgi, CloseReason.ENGINE_UNAVAILABLE, message, exc)
@@ -405,32 +405,35 @@ class EventStream:
             await asgi.finish()
 
     async def _send_replay(
-        self,
-        session: Session,
-        position: Position | None,
-        replay: Replay,
-        asgi: AsgiSink,
-        through: int | None,
+        self, session: Session, request: StreamRequest, asgi: AsgiSink, through: int | None
     ) -> None:
         """Send the replay page by page, each at most ``max_pending_bytes``, waiting for the
         client to take each before the next is read: memory per stream stays bounded whatever
         the history. Live frames are held meanwhile; if more arrive than that budget, they are
         dropped and the replay reads on to the clock of now instead, until it ends with what
-        was held meanwhile intact (then released through the per-client id rule)."""
-        page = await replay.next_page()
-        # A client that sent an id has everything up to it, unless a reset says otherwise
-        # (``since`` only bounds the replay: live events flow whatever their time). A client
-        # with no position gets every live frame that reached this node after it joined.
-        if position is None:
-            after = known = replay.clock
-            if through is not None:
-                after = through
-        elif position.kind is PositionKind.LAST_EVENT_ID:
-            after = known = position.after_key
+        was held meanwhile intact (then released through the per-client id rule).
+
+        A client with no position gets every live frame that reached this node after it
+        joined (``through``: the node's position then). It reads no history at all when the
+        node knows that position: nothing to replay, no clock to read."""
+        position = request.position
+        replay: Replay | None = None
+        page: list[Frame] = []
+        if position is None and through is not None:
+            after = known = through
         else:
-            after = known = 0
+            replay = await self.engine.replay(request.topics, position)
+            page = await replay.next_page()
+            # A client that sent an id has everything up to it, unless a reset says otherwise
+            # (``since`` only bounds the replay: live events flow whatever their time).
+            if position is None:
+                after = known = replay.clock
+            elif position.kind is PositionKind.LAST_EVENT_ID:
+                after = known = position.after_key
+            else:
+                after = known = 0
         first = b""
-        if replay.reset is not None:
+        if replay is not None and replay.reset is not None:
             first = reset_frame(replay, bool(page))
             self.metrics.resets.labels(replay.reset.reason.value).inc()
             after = known = 0 if page else replay.clock
@@ -446,15 +449,19 @@ class EventStream:
             if sent:
                 self.metrics.sent(sent, size, replayed=sent)
             if page:
+                assert replay is not None
                 page = await replay.next_page()
                 continue
-            if (line := session.replay_ended(not replay.gaps)) is not None:
+            complete = replay is None or not replay.gaps
+            if (line := session.replay_ended(complete)) is not None:
                 await asgi.send(line)
             if not session.read_on():
                 break  # nothing is awaited from here to go_live: the held frames are whole
+            if replay is None:  # read on from the node's position, which stands for the clock
+                replay = await self.engine.replay(request.topics, None, clock=known)
             await replay.extend()
             page = await replay.next_page()
-        if replay.gaps and not session.closed:
+        if replay is not None and replay.gaps and not session.closed:
             # Retention removed events this replay had not read yet: end the stream at the
             # last event before the gap (nothing held is sent), so the client's reconnect from
             # there is told ``reset``.

@@ -172,6 +172,8 @@ class RedisHistory(History):
         self.observer = EngineObserver()
         self._next_head: asyncio.Future[Head] | None = None
         """The clock read that callers may still join: it has not been sent yet."""
+        self.store_invalid = False
+        """The last clock read found a clock or origin that is not an event id."""
 
     async def head(self) -> Head:
         """Callers within :data:`HEAD_WINDOW` share one read: new streams arriving together
@@ -201,11 +203,17 @@ class RedisHistory(History):
                 self.observer.command("head", time.perf_counter() - started)
         except (RedisError, OSError) as exc:
             raise EngineUnavailable(f"reading the clock failed: {exc}") from None
-        return Head(
-            _stored_id(self.keys, "clock", clock),
-            _stored_id(self.keys, "origin", origin),
-            int(seconds) * 1000 + int(micros) // 1000,
-        )
+        try:
+            head = Head(
+                _stored_id(self.keys, "clock", clock),
+                _stored_id(self.keys, "origin", origin),
+                int(seconds) * 1000 + int(micros) // 1000,
+            )
+        except InvalidStore:
+            self.store_invalid = True
+            raise
+        self.store_invalid = False
+        return head
 
     async def read(self, requests: Sequence[tuple[str, int, int]]) -> list[TopicRead]:
         try:
@@ -600,16 +608,20 @@ class RedisEngine(Engine):
             clock, _ = await pipe.execute()
             self.observer.command("probe", time.perf_counter() - started)
         try:
-            return _stored_id(self.keys, "clock", clock)
+            valid = _stored_id(self.keys, "clock", clock)
         except InvalidStore:
+            self.history.store_invalid = True
             return None
+        self.history.store_invalid = False
+        return valid
 
     def delivered_through(self) -> int | None:
         """``_seen`` while the link is up and not backfilling. The publish script issues ids and
         publishes in one atomic step, so frames arrive in id order; each is handed on as it
         arrives, and a backfill hands on held frames only above what it read. So no frame at or
-        below it can still arrive."""
-        if self._conn is None or self._held is not None:
+        below it can still arrive. None as well once a clock read found the store unreadable:
+        streams then read the clock themselves, and are refused."""
+        if self._conn is None or self._held is not None or self.history.store_invalid:
             return None
         return self._seen
 
