@@ -69,6 +69,8 @@ log = logging.getLogger("gateway")
 DRAIN_TICK = 0.05
 READY_CHECK_INTERVAL = 0.5
 READY_CHECK_TIMEOUT = 5.0
+SHUTDOWN_STEP_TIMEOUT = 5.0
+"""Seconds each step of the application's shutdown (hub, engine, key server) may take."""
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -318,9 +320,17 @@ class Gateway:
             self.begin_shutdown()
             if self.demo is not None:
                 await self.demo.stop()
-            await self.hub.close()
-            await self.engine.close()
-            await self.authorizer.close()
+            # Bounded: a stuck Redis write must not hold the process past its stop signal.
+            for step in (self.hub.close, self.engine.close, self.authorizer.close):
+                try:
+                    async with asyncio.timeout(SHUTDOWN_STEP_TIMEOUT):
+                        await step()
+                except TimeoutError:
+                    log.warning(
+                        "shutdown: %s did not finish in %ss",
+                        step.__qualname__,
+                        SHUTDOWN_STEP_TIMEOUT,
+                    )
 
     def listening(self) -> None:
         """Called once the port is bound: say "ready" when the engine is too."""

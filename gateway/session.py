@@ -22,6 +22,7 @@ without data) can tell the client.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from enum import Enum, StrEnum
 from typing import Protocol
@@ -30,6 +31,8 @@ from gateway.engines.base import Frame, HeldFrames, release
 from publisher.protocol import comment, key_to_id
 
 PING = comment("ping")
+
+log = logging.getLogger("gateway.session")
 
 
 class Phase(Enum):
@@ -333,7 +336,12 @@ class Session:
         listener = self.listener
         if listener is not None:
             self.listener = None
-            listener(self)
+            try:
+                listener(self)
+            except Exception:
+                # The caller may be the hub in the middle of a fan-out: one session's driver
+                # must never stop the others' delivery.
+                log.exception("a stream's close listener failed")
         return True
 
     def finished(self) -> CloseReason:

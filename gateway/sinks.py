@@ -135,11 +135,17 @@ class AsgiSink:
         and history reads: nobody is left to send them to)."""
         self.wake()
         reason = session.reason
-        if reason is None or not (reason.shed or reason is CloseReason.CLIENT_CLOSED):
+        if reason is None:
             return
+        # Whatever the reason, nothing is left to send the opening's result to: a drain (or a
+        # lifetime, an expired token) must not wait on a subscribe or a history read.
+        waits = [self._opening]
+        if reason.shed or reason is CloseReason.CLIENT_CLOSED:
+            waits.append(self._sending)
         now = asyncio.get_running_loop().time()
-        for wait in (self._sending, self._opening):
-            if wait is not None:
+        for wait in waits:
+            # A timeout that already fired cannot be moved (RuntimeError): it ends the wait.
+            if wait is not None and not wait.expired():
                 wait.reschedule(now)
 
     def opening(self) -> asyncio.Timeout:

@@ -602,12 +602,15 @@ class RedisEngine(Engine):
         frame up to that clock on the topics it is subscribed to has arrived before it. So the
         node's position keeps up with the clock while its own topics are quiet."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.get(self.keys.clock)
+            pipe.mget(self.keys.clock, self.keys.origin)
             pipe.publish(self._probe_channel, token)
             started = time.perf_counter()
-            clock, _ = await pipe.execute()
+            (clock, origin), _ = await pipe.execute()
             self.observer.command("probe", time.perf_counter() - started)
         try:
+            # Both keys, as a replay's clock read checks them: the probe clears what a failed
+            # read found only when the whole store is readable again.
+            _stored_id(self.keys, "origin", origin)
             valid = _stored_id(self.keys, "clock", clock)
         except InvalidStore:
             self.history.store_invalid = True

@@ -239,6 +239,35 @@ def test_a_garbage_clock_gives_a_clear_answer_not_a_crash(
     assert "without completing" not in log, log
 
 
+def test_a_garbage_origin_refuses_fresh_streams_after_the_self_probe_too(
+    redis_url: str, prefix: str, redis_client: redis.Redis, gateway_factory: GatewayFactory
+) -> None:
+    """A self-probe that finds the clock readable does not clear what a replay found: the
+    origin key is unreadable too, so a stream without a position (which reads no clock of its
+    own on a live node) is refused like one that resumes, not served from that store."""
+    gateway = gateway_factory(
+        "--prefix", prefix, "--probe-interval", "0.2", redis_url=redis_url
+    )  # fmt: skip
+    with Publisher.from_url(redis_url, prefix=prefix) as pub:
+        pub.publish("t", "before")
+    redis_client.set(f"{prefix}:origin", "garbage")
+    probes = 'sse_redis_command_seconds_count{command="probe"}'
+
+    async def scenario() -> list[SSEStream]:
+        resumed = await collect(gateway.url, ["t"], ended, last_event_id="0-0")
+        seen = gateway.metric(probes)
+        await wait_until_async(
+            lambda: gateway.metric(probes) >= seen + 2, "two self-probes after the refusal", 10
+        )
+        return [resumed, await collect(gateway.url, ["t"], ended)]
+
+    for stream in asyncio.run(scenario()):
+        assert [r["reason"] for r in refusals(stream)] == ["engine_unavailable"]
+    log = gateway.output()
+    assert f"the origin key '{prefix}:origin' holds b'garbage'" in log, log
+    assert "Traceback" not in log, log
+
+
 def test_start_up_warns_about_an_eviction_policy_and_missing_replicas(
     prefix: str, gateway_factory: GatewayFactory
 ) -> None:

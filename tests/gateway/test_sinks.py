@@ -13,8 +13,10 @@ import pytest
 import uvicorn
 
 from gateway.protocol import CONNECTION_EXTENSION, check_uvicorn, protocol_class
+from gateway.session import CloseReason, Session
 from gateway.sinks import (
     HTTPTOOLS_MODULE,
+    AsgiSink,
     DirectSink,
     abort,
     direct_sink,
@@ -180,3 +182,70 @@ def test_keepalive_set_on_the_listener_is_inherited_by_each_connection() -> None
             with accepted:
                 for level, name, value in keepalive_options(30):
                     assert accepted.getsockopt(level, name) == value, (level, name)
+
+
+def _asgi_session(timeout: float) -> tuple[Session, AsgiSink]:
+    async def never_sent(message: Any) -> None:
+        await asyncio.Event().wait()
+
+    session = Session(("a",), None, 10_000)
+    asgi = AsgiSink(never_sent, timeout)
+    session.listener = asgi.closing
+    return session, asgi
+
+
+def test_a_shed_that_races_an_expiring_send_timeout_closes_without_raising() -> None:
+    """A send timeout that has fired but whose task has not run yet cannot be moved; a slow
+    consumer shed in that same loop turn (from the hub's fan-out) must still just close."""
+
+    async def scenario() -> None:
+        session, asgi = _asgi_session(10)
+        loop = asyncio.get_running_loop()
+        closed: list[bool] = []
+
+        async def a_send_that_times_out() -> None:
+            # Callbacks run in order: the timeout fires (the send's task is told to stop, but
+            # has not run yet), then the shed closes the session, then the task runs.
+            async with asyncio.timeout(0) as sending:
+                asgi._sending = sending
+                loop.call_soon(lambda: closed.append(session.close("slow_consumer")))
+                await asyncio.sleep(1)
+
+        with pytest.raises(TimeoutError):
+            await a_send_that_times_out()
+        assert closed == [True]
+        assert session.reason is CloseReason.SLOW_CONSUMER
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_close_listener_does_not_escape_into_the_caller() -> None:
+    session = Session(("a",), None, 10_000)
+
+    def broken(closing: Session) -> None:
+        raise RuntimeError("a driver bug")
+
+    session.listener = broken
+    assert session.close("slow_consumer") is True
+    assert session.closed
+
+
+def test_any_close_cuts_a_stream_s_opening_short() -> None:
+    """A drain (``shutdown``) must not wait for a subscribe or a history read of a stream it
+    closed: the opening ends at once, whatever the close reason."""
+
+    async def scenario() -> None:
+        session, asgi = _asgi_session(10)
+
+        async def opening() -> None:
+            async with asgi.opening():
+                await asyncio.Event().wait()  # a subscribe that never answers
+
+        task = asyncio.create_task(opening())
+        await wait_until_async(lambda: asgi._opening is not None, "the opening began", TIMEOUT)
+        session.close("shutdown")
+        done, _ = await asyncio.wait({task}, timeout=TIMEOUT)
+        assert task in done, "the opening was still waiting after the stream closed"
+        assert isinstance(task.exception(), TimeoutError)
+
+    asyncio.run(scenario())
