@@ -34,7 +34,7 @@ from gateway.config import (
 )
 from gateway.logs import log_config
 from gateway.protocol import head_bound, protocol_class
-from gateway.sinks import listen_with_keepalive
+from gateway.sinks import listen_with_keepalive, server_sockets
 from publisher.protocol import DEFAULT_PREFIX
 
 DEFAULT_GATEWAY_URL = "http://127.0.0.1:8000"
@@ -73,9 +73,7 @@ class GatewayServer(uvicorn.Server):
         if self.started:  # the port is bound (uvicorn exits on a bind error)
             if idle := self.gateway.settings.tcp_keepalive:
                 # Once on the listeners, which their connections inherit: not per stream.
-                listen_with_keepalive(
-                    [sock for server in self.servers for sock in server.sockets], idle
-                )
+                listen_with_keepalive(server_sockets(self), idle)
             settle_collector()
             self.gateway.listening()
 

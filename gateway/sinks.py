@@ -222,6 +222,12 @@ _listeners_keepalive: float | None = None
 listener's options to each connection it accepts), or None."""
 
 
+def server_sockets(server: Any) -> list[Any]:
+    """The listening sockets of a started ``uvicorn.Server`` (its ``servers``: the asyncio
+    servers it opened or was given)."""
+    return [sock for listener in server.servers for sock in listener.sockets]
+
+
 def listen_with_keepalive(sockets: Iterable[Any], idle: float) -> None:
     """Set TCP keepalive once on the listening sockets, so no connection needs it set."""
     global _listeners_keepalive

@@ -23,6 +23,7 @@ from gateway.sinks import (
     http_chunk,
     keepalive_options,
     listen_with_keepalive,
+    server_sockets,
 )
 from tests.support.waiting import wait_until_async
 
@@ -182,6 +183,30 @@ def test_keepalive_set_on_the_listener_is_inherited_by_each_connection() -> None
             with accepted:
                 for level, name, value in keepalive_options(30):
                     assert accepted.getsockopt(level, name) == value, (level, name)
+
+
+def test_a_started_uvicorn_server_lists_its_listening_sockets() -> None:
+    """The CLI sets keepalive on the sockets uvicorn listens on, found through the server."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        return None
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            config = uvicorn.Config(app, lifespan="off", log_level="error")
+            server = uvicorn.Server(config)
+            running = asyncio.create_task(server.serve(sockets=[listener]))
+            try:
+                await wait_until_async(lambda: server.started, "uvicorn started", TIMEOUT, 0.01)
+                names = [sock.getsockname() for sock in server_sockets(server)]
+                assert names == [listener.getsockname()]
+            finally:
+                server.should_exit = True
+                await asyncio.wait_for(running, TIMEOUT)
+
+    asyncio.run(scenario())
 
 
 def _asgi_session(timeout: float) -> tuple[Session, AsgiSink]:
