@@ -417,7 +417,7 @@ def check_history(
     unproven: Iterable[str] = (),
     horizon: int | None = None,
 ) -> Reset | None:
-    """Whether the events after ``position`` can be replayed in full (see DESIGN.md §4).
+    """Whether the events after ``position`` can be replayed in full (docs/architecture.md §4).
 
     ``trimmed`` pairs each topic with the highest id known to be missing from its history
     (0 when none is).

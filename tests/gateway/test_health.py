@@ -1,4 +1,4 @@
-"""Liveness, readiness and metrics (DESIGN.md §6), and what clients see while Redis is away.
+"""Liveness, readiness and metrics (the README's API), and what clients see while Redis is away.
 
 ``/healthz`` says the process is alive and stays 200 whatever Redis does; ``/readyz`` says the
 node can serve (engine reachable, not draining) so a load balancer stops sending clients to a

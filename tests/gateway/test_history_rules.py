@@ -1,4 +1,4 @@
-"""The replay rules both engines share (gateway/engines/base.py, DESIGN.md §3-4): where a
+"""The replay rules both engines share (gateway/engines/base.py, docs/architecture.md §3-4): where a
 replay starts, when it cannot be complete (``reset``), and how per-topic runs are merged."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Subscriptions follow the clients (DESIGN.md §5 "Hub"), seen from Redis itself.
+"""Subscriptions follow the clients (docs/architecture.md §6, the hub), seen from Redis itself.
 
 One node holds one pub/sub subscription per topic, whatever the number of local clients; it
 subscribes when the first client arrives and unsubscribes once the last one has been gone for

@@ -1,4 +1,4 @@
-"""One connection, several topics: one id order across all of them (DESIGN.md §3)."""
+"""One connection, several topics: one id order across all of them (docs/architecture.md §3)."""
 
 from __future__ import annotations
 

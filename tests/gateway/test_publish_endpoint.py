@@ -1,4 +1,4 @@
-"""``POST /publish`` (DESIGN.md §6): JSON in, ``{"id": ...}`` out, and every refusal is a 4xx
+"""``POST /publish`` (the README's API): JSON in, ``{"id": ...}`` out, and every refusal is a 4xx
 with a JSON body ``{"error": ..., "message": ...}``, never a 500 or a traceback."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """When history cannot be replayed in full, the page is told: ``event: reset`` first, then
-what is retained (DESIGN.md §4). A malformed id is a 400."""
+what is retained (docs/architecture.md §4). A malformed id is a 400."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Slow consumers are shed, not buffered (DESIGN.md §5 "Slow consumer").
+"""Slow consumers are shed, not buffered (docs/architecture.md §6).
 
 A client that stops reading must not pin the gateway's memory or hold up anyone else: once its
 pending bytes pass ``--max-pending-bytes`` (or one write takes longer than ``--send-timeout``)

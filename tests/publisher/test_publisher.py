@@ -1,5 +1,5 @@
 """Publishing straight to a real Redis: one atomic script issues a globally ordered id, writes
-history and publishes the live frame (DESIGN.md §3-4)."""
+history and publishes the live frame (docs/architecture.md §3-4)."""
 
 from __future__ import annotations
 
