@@ -2,21 +2,23 @@
 
 Public for the gateway, whose engine publishes and connects exactly as a worker does: the
 transports, ``connect``/``connect_async`` (Sentinel URLs included), and how a failed publish
-is classified (``is_transient``, ``permanent_failure``, ``Failure``, ``NotReplicated``)."""
+is classified (``is_transient``, ``permanent_failure``, ``Failure``, ``NotReplicated``, which
+live in :mod:`publisher.publish_plan` and are importable from here too).
+
+The two transports are drivers of one :class:`~publisher.publish_plan.PublishPlan`: the plan
+makes every decision (retries, ``NOSCRIPT``, sticky ids, the replica check) and the drivers
+only turn its commands into redis-py calls, blocking or awaited."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
-import math
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -25,51 +27,59 @@ import redis.asyncio.sentinel
 import redis.retry
 import redis.sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import (
-    BusyLoadingError,
-    ConnectionError,
-    MasterDownError,
-    NoScriptError,
-    OutOfMemoryError,
-    ReadOnlyError,
-    RedisError,
-    ResponseError,
-    TimeoutError,
-    TryAgainError,
+
+from publisher.protocol import DEFAULT_IDEMPOTENCY_TTL, Keys, Message, Retention
+from publisher.publish_plan import (
+    DEFAULT_RETRY_FOR,
+    DEFAULT_WAIT_TIMEOUT,
+    TRANSIENT_ERRORS,
+    Attempt,
+    Command,
+    CountReplicas,
+    Failure,
+    LoadScript,
+    NotReplicated,
+    Plan,
+    PublishPlan,
+    ReadClock,
+    Reconnect,
+    Replication,
+    RunScripts,
+    Sleep,
+    attached_replicas,
+    clock_position,
+    is_transient,
+    permanent_failure,
+    script_call,
 )
 
-from publisher._retry import Backoff
-from publisher.protocol import (
-    BEGINNING,
-    DEFAULT_IDEMPOTENCY_TTL,
-    Keys,
-    Message,
-    Retention,
-    id_key,
-)
+__all__ = [
+    "DEFAULT_RETRY_FOR",
+    "DEFAULT_WAIT_TIMEOUT",
+    "PUBLISH_SCRIPT",
+    "SCRIPT_SHA",
+    "TRANSIENT_ERRORS",
+    "AsyncRedisTransport",
+    "Failure",
+    "NotReplicated",
+    "RedisTransport",
+    "Replication",
+    "SentinelTarget",
+    "attached_replicas",
+    "clock_position",
+    "connect",
+    "connect_async",
+    "is_transient",
+    "permanent_failure",
+    "redis_options",
+    "script_call",
+    "sentinel_target",
+]
 
-log = logging.getLogger("publisher")
+_T = TypeVar("_T")
 
 PUBLISH_SCRIPT = resources.files("publisher").joinpath("publish.lua").read_text("utf-8")
 SCRIPT_SHA = hashlib.sha1(PUBLISH_SCRIPT.encode()).hexdigest()
-
-DEFAULT_RETRY_FOR = 10.0
-DEFAULT_WAIT_TIMEOUT = 1.0
-TRANSIENT_ERRORS = (
-    ConnectionError, TimeoutError, BusyLoadingError, ReadOnlyError, TryAgainError, MasterDownError,
-    OSError,
-)  # fmt: skip
-"""Errors after which the same publish may be sent again: its idempotency key makes that safe."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a publish that failed with ``exc`` may be sent again.
-
-    ``NOREPLICAS`` (``min-replicas-to-write``) is a plain ``ResponseError`` in redis-py: the
-    primary has lost its replicas, typically because one of them was just promoted."""
-    if isinstance(exc, TRANSIENT_ERRORS):
-        return True
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOREPLICAS")
 
 
 def redis_options() -> dict[str, Any]:
@@ -148,160 +158,12 @@ def connect_async(url: str, **extra: Any) -> redis.asyncio.Redis:
     return client
 
 
-class NotReplicated(ConnectionError):
-    """``WAIT`` timed out: the publishes were stored and delivered on the primary, but fewer
-    replicas than asked confirmed them, so a failover may lose them. Sent again with their
-    idempotency keys, they return the same ids and wait for the replicas again."""
-
-    def __init__(self, ids: list[str], replicas: int, wanted: int, attached: int | None = None):
-        super().__init__(ids, replicas, wanted, attached)
-        self.ids = ids
-        self.replicas = replicas
-        self.wanted = wanted
-        self.attached = attached
-        """Replicas attached to the primary when the publish gave up (None: not asked)."""
-
-    def __str__(self) -> str:
-        what = "the event was" if len(self.ids) == 1 else f"{len(self.ids)} events were"
-        attached = "" if self.attached is None else f" ({self.attached} replicas attached)"
-        return (
-            f"{what} stored and delivered with id {', '.join(self.ids)}, but only "
-            f"{self.replicas} of {self.wanted} replicas confirmed it in time{attached}: a "
-            "failover may lose it. Publishing again with the same idempotency key returns the "
-            "same id and waits for the replicas again."
-        )
-
-
-def attached_replicas(info: dict[str, Any]) -> int | None:
-    value = info.get("connected_slaves")
-    return int(value) if value is not None else None
-
-
-class Failure(StrEnum):
-    """Why a publish failed in a way that sending it again cannot fix."""
-
-    TOPIC_CONFLICT = "topic_storage_conflict"
-    """A topic's stream key holds another type: an operator must repair or delete it."""
-    STORAGE_FULL = "storage_full"
-    """Redis refuses writes (``maxmemory`` reached): it needs memory freed, not a retry."""
-    STORAGE_ERROR = "storage_error"
-    """Anything else (a clock the script refuses, a script error): see the raw text."""
-
-
-def permanent_failure(exc: BaseException) -> Failure | None:
-    """What kind of permanent failure ``exc`` is, or None when sending again may succeed."""
-    if is_transient(exc):
-        return None
-    if isinstance(exc, OutOfMemoryError) or str(exc).startswith("OOM"):
-        return Failure.STORAGE_FULL
-    text = str(exc)
-    if text.startswith("WRONGTYPE") and text.endswith("not a stream"):
-        return Failure.TOPIC_CONFLICT
-    return Failure.STORAGE_ERROR
-
-
-def script_call(
-    keys: Keys,
-    retention: Retention,
-    message: Message,
-    idempotency_ttl: float,
-    prior: str = "",
-) -> tuple[list[str], list[Any]]:
-    script_keys = [
-        keys.clock,
-        keys.origin,
-        keys.idempotency(message.idempotency_digest),
-        *(keys.stream(t) for t in message.topics),
-    ]
-    args: list[Any] = [
-        message.body,
-        retention.max_events,
-        int(retention.max_age * 1000),
-        max(1, int(idempotency_ttl * 1000)) if message.remember else 0,
-        prior,
-        *(keys.channel(t) for t in message.topics),
-    ]
-    return script_keys, args
-
-
-def _decode(value: Any) -> str:
-    return value.decode("ascii") if isinstance(value, bytes) else str(value)
-
-
-def clock_position(keys: Keys, value: bytes | str | None) -> str:
-    """The clock key's id, or the beginning when nothing was published yet."""
-    if value is None:
-        return BEGINNING
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    try:
-        id_key(text)
-    except ValueError:
-        raise ValueError(f"the clock key {keys.clock!r} holds {value[:40]!r}, not an id") from None
-    return text
-
-
-def _unloaded(results: list[Any]) -> list[int]:
-    """Indexes of results that failed only because Redis did not have the script (so the
-    script did not run, and sending them again publishes nothing twice)."""
-    failed = []
-    for index, result in enumerate(results):
-        if isinstance(result, NoScriptError):
-            failed.append(index)
-        elif isinstance(result, Exception):
-            raise result
-    return failed
-
-
-class Replication:
-    """``WAIT numreplicas timeout`` at the end of each publish pipeline (same round trip), so
-    a publish is acknowledged only once ``replicas`` replicas hold it."""
-
-    def __init__(self, replicas: int, timeout: float) -> None:
-        if replicas < 0:
-            raise ValueError("wait_replicas must be >= 0")
-        if not math.isfinite(timeout) or timeout <= 0:
-            raise ValueError("wait_timeout must be a number of seconds > 0")
-        self.replicas = replicas
-        self.timeout_ms = max(1, int(timeout * 1000))
-        self.checked = not replicas
-        """Whether the attached replicas were counted (once, at the first publish)."""
-
-    def check(self, attached: int | None) -> None:
-        """Warn once when fewer replicas are attached than each publish waits for: every
-        publish would then wait ``wait_timeout``, be retried and raise ``NotReplicated``."""
-        if attached is None:
-            return
-        self.checked = True
-        if attached < self.replicas:
-            log.warning(
-                "wait_replicas=%d, but the primary has %d replicas attached: publishes are "
-                "stored and delivered, then raise NotReplicated after their retries",
-                self.replicas, attached,
-            )  # fmt: skip
-
-    def queue(self, pipe: Any) -> None:
-        if self.replicas:
-            pipe.execute_command("WAIT", self.replicas, self.timeout_ms)
-
-    def split(self, results: list[Any]) -> tuple[list[Any], int]:
-        """The scripts' results, and how many replicas confirmed them."""
-        if not self.replicas:
-            return results, 0
-        confirmed = results.pop()
-        if isinstance(confirmed, Exception):
-            raise confirmed
-        return results, int(confirmed)
-
-    def confirm(self, ids: list[str], confirmed: int) -> list[str]:
-        if confirmed < self.replicas:
-            raise NotReplicated(ids, confirmed, self.replicas)
-        return ids
-
-
 class RedisTransport:
     """EVALSHA in one pipeline: one round trip per batch (redis-py's ``Script`` in a pipeline
     would first ask ``SCRIPT EXISTS``, a second round trip). Transient errors are retried for
-    ``retry_for`` seconds; each message's idempotency key makes a retry return its first id."""
+    ``retry_for`` seconds; each message's idempotency key makes a retry return its first id.
+
+    The blocking driver of a :class:`PublishPlan`."""
 
     def __init__(
         self,
@@ -316,82 +178,73 @@ class RedisTransport:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.client = client
-        self.keys = keys
-        self.retention = retention
-        self.retry_for = retry_for
-        self.idempotency_ttl = idempotency_ttl
-        self.replication = Replication(wait_replicas, wait_timeout)
+        self.plan = PublishPlan(
+            keys, retention, retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+            wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        )  # fmt: skip
         self.sleep = sleep
         self.sha = SCRIPT_SHA
 
-    def _run(self, messages: list[Message], priors: list[str]) -> list[Any]:
-        with self.client.pipeline(transaction=False) as pipe:
-            for message, prior in zip(messages, priors, strict=True):
-                script_keys, args = script_call(
-                    self.keys, self.retention, message, self.idempotency_ttl, prior
-                )
-                pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
-            self.replication.queue(pipe)
-            return pipe.execute(raise_on_error=False)
-
     def send(self, messages: list[Message]) -> list[str]:
-        if not self.replication.checked:
-            self.replication.check(self._attached())
-        backoff = Backoff(self.retry_for)
-        priors = [""] * len(messages)
-        while True:
-            try:
-                return self._send_once(messages, priors)
-            except (*TRANSIENT_ERRORS, ResponseError) as exc:
-                delay = backoff.next_delay() if is_transient(exc) else None
-                if delay is None:
-                    if isinstance(exc, NotReplicated):
-                        exc.attached = self._attached()
-                    raise
-                if isinstance(exc, NotReplicated):
-                    priors = exc.ids
-                # Reconnect for the retry: under Sentinel that asks where the primary is now.
-                self.client.connection_pool.disconnect(inuse_connections=False)
-                self.sleep(delay)
+        return self._drive(self.plan.send(messages))
 
-    def _attached(self) -> int | None:
-        """How many replicas the primary has now, for the error message (None if unknown)."""
-        try:
-            return attached_replicas(self.client.info("replication"))
-        except (RedisError, OSError):
-            return None
-
-    def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
-        results, confirmed = self.replication.split(self._run(messages, priors))
-        if failed := _unloaded(results):
-            self.client.script_load(PUBLISH_SCRIPT)
-            retried, confirmed = self.replication.split(
-                self._run([messages[i] for i in failed], [priors[i] for i in failed])
-            )
-            for index, result in zip(failed, retried, strict=True):
-                results[index] = result
-            if _unloaded(results):
-                raise NoScriptError("the publish script could not be loaded")
-        return self.replication.confirm([_decode(v) for v in results], confirmed)
+    def _send_once(self, messages: Sequence[Message], priors: Sequence[str]) -> list[str]:
+        return self._drive(self.plan.attempt(messages, priors))
 
     def position(self, topics: tuple[str, ...] = ()) -> str:
         """The clock (one ``GET``); transient errors are retried for ``retry_for`` seconds."""
-        backoff = Backoff(self.retry_for)
-        while True:
-            try:
-                return clock_position(self.keys, self.client.get(self.keys.clock))
-            except TRANSIENT_ERRORS:
-                delay = backoff.next_delay()
-                if delay is None:
-                    raise
-                self.client.connection_pool.disconnect(inuse_connections=False)
-                self.sleep(delay)
+        return self._drive(self.plan.position())
 
     def close(self) -> None:
         self.client.close()
 
+    def _drive(self, plan: Plan[_T]) -> _T:
+        """Carry out the plan's commands until it returns; an error is the plan's to judge."""
+        try:
+            result: Any = None
+            failure: Exception | None = None
+            while True:
+                try:
+                    command = plan.send(result) if failure is None else plan.throw(failure)
+                except StopIteration as done:
+                    value: _T = done.value
+                    return value
+                result, failure = None, None
+                try:
+                    result = self._do(command)
+                except Exception as exc:
+                    failure = exc
+        finally:
+            plan.close()
+
+    def _do(self, command: Command) -> Any:
+        match command:
+            case RunScripts():
+                with self.client.pipeline(transaction=False) as pipe:
+                    for keys, args in command.calls:
+                        pipe.evalsha(self.sha, len(keys), *keys, *args)
+                    if command.wait_replicas:
+                        wait = ("WAIT", command.wait_replicas, command.wait_timeout_ms)
+                        pipe.execute_command(*wait)  # type: ignore[no-untyped-call,unused-ignore]
+                    return pipe.execute(raise_on_error=False)
+            case LoadScript():
+                return self.client.script_load(PUBLISH_SCRIPT)
+            case CountReplicas():
+                return self.client.info("replication")
+            case Reconnect():
+                self.client.connection_pool.disconnect(inuse_connections=False)
+            case Sleep():
+                self.sleep(command.seconds)
+            case ReadClock():
+                return self.client.get(command.key)
+            case Attempt():
+                return self._send_once(command.messages, command.priors)
+        return None
+
 
 class AsyncRedisTransport:
+    """The asyncio driver of a :class:`PublishPlan`: :class:`RedisTransport`, awaited."""
+
     def __init__(
         self,
         client: redis.asyncio.Redis,
@@ -404,72 +257,61 @@ class AsyncRedisTransport:
         wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         self.client = client
-        self.keys = keys
-        self.retention = retention
-        self.retry_for = retry_for
-        self.idempotency_ttl = idempotency_ttl
-        self.replication = Replication(wait_replicas, wait_timeout)
+        self.plan = PublishPlan(
+            keys, retention, retry_for=retry_for, idempotency_ttl=idempotency_ttl,
+            wait_replicas=wait_replicas, wait_timeout=wait_timeout,
+        )  # fmt: skip
         self.sha = SCRIPT_SHA
 
-    async def _run(self, messages: list[Message], priors: list[str]) -> list[Any]:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for message, prior in zip(messages, priors, strict=True):
-                script_keys, args = script_call(
-                    self.keys, self.retention, message, self.idempotency_ttl, prior
-                )
-                pipe.evalsha(self.sha, len(script_keys), *script_keys, *args)
-            self.replication.queue(pipe)
-            return await pipe.execute(raise_on_error=False)
-
     async def send(self, messages: list[Message]) -> list[str]:
-        if not self.replication.checked:
-            self.replication.check(await self._attached())
-        backoff = Backoff(self.retry_for)
-        priors = [""] * len(messages)
-        while True:
-            try:
-                return await self._send_once(messages, priors)
-            except (*TRANSIENT_ERRORS, ResponseError) as exc:
-                delay = backoff.next_delay() if is_transient(exc) else None
-                if delay is None:
-                    if isinstance(exc, NotReplicated):
-                        exc.attached = await self._attached()
-                    raise
-                if isinstance(exc, NotReplicated):
-                    priors = exc.ids
-                await self.client.connection_pool.disconnect(inuse_connections=False)
-                await asyncio.sleep(delay)
+        return await self._drive(self.plan.send(messages))
 
-    async def _attached(self) -> int | None:
-        try:
-            return attached_replicas(await self.client.info("replication"))
-        except (RedisError, OSError):
-            return None
-
-    async def _send_once(self, messages: list[Message], priors: list[str]) -> list[str]:
-        results, confirmed = self.replication.split(await self._run(messages, priors))
-        if failed := _unloaded(results):
-            await self.client.script_load(PUBLISH_SCRIPT)
-            retried, confirmed = self.replication.split(
-                await self._run([messages[i] for i in failed], [priors[i] for i in failed])
-            )
-            for index, result in zip(failed, retried, strict=True):
-                results[index] = result
-            if _unloaded(results):
-                raise NoScriptError("the publish script could not be loaded")
-        return self.replication.confirm([_decode(v) for v in results], confirmed)
+    async def _send_once(self, messages: Sequence[Message], priors: Sequence[str]) -> list[str]:
+        return await self._drive(self.plan.attempt(messages, priors))
 
     async def position(self, topics: tuple[str, ...] = ()) -> str:
-        backoff = Backoff(self.retry_for)
-        while True:
-            try:
-                return clock_position(self.keys, await self.client.get(self.keys.clock))
-            except TRANSIENT_ERRORS:
-                delay = backoff.next_delay()
-                if delay is None:
-                    raise
-                await self.client.connection_pool.disconnect(inuse_connections=False)
-                await asyncio.sleep(delay)
+        return await self._drive(self.plan.position())
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def _drive(self, plan: Plan[_T]) -> _T:
+        try:
+            result: Any = None
+            failure: Exception | None = None
+            while True:
+                try:
+                    command = plan.send(result) if failure is None else plan.throw(failure)
+                except StopIteration as done:
+                    value: _T = done.value
+                    return value
+                result, failure = None, None
+                try:
+                    result = await self._do(command)
+                except Exception as exc:
+                    failure = exc
+        finally:
+            plan.close()
+
+    async def _do(self, command: Command) -> Any:
+        match command:
+            case RunScripts():
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for keys, args in command.calls:
+                        pipe.evalsha(self.sha, len(keys), *keys, *args)
+                    if command.wait_replicas:
+                        pipe.execute_command("WAIT", command.wait_replicas, command.wait_timeout_ms)
+                    return await pipe.execute(raise_on_error=False)
+            case LoadScript():
+                return await self.client.script_load(PUBLISH_SCRIPT)
+            case CountReplicas():
+                return await self.client.info("replication")
+            case Reconnect():
+                await self.client.connection_pool.disconnect(inuse_connections=False)
+            case Sleep():
+                await asyncio.sleep(command.seconds)
+            case ReadClock():
+                return await self.client.get(command.key)
+            case Attempt():
+                return await self._send_once(command.messages, command.priors)
+        return None
