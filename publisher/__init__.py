@@ -22,15 +22,8 @@ from publisher.protocol import (
     TopicArg,
     make_message,
 )
-from publisher.redis_transport import (
-    DEFAULT_RETRY_FOR,
-    DEFAULT_WAIT_TIMEOUT,
-    AsyncRedisTransport,
-    NotReplicated,
-    RedisTransport,
-    connect,
-    connect_async,
-)
+from publisher.publish_plan import DEFAULT_RETRY_FOR, DEFAULT_WAIT_TIMEOUT, NotReplicated
+from publisher.redis_transport import AsyncRedisTransport, RedisTransport, connect, connect_async
 from publisher.subscriber import (
     AsyncSubscription,
     Event,

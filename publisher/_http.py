@@ -13,6 +13,7 @@ import orjson
 
 from publisher._retry import Backoff
 from publisher.protocol import Message, PublishError
+from publisher.publish_plan import DEFAULT_RETRY_FOR
 
 _T = TypeVar("_T")
 
@@ -27,6 +28,8 @@ def _seconds(value: str | None) -> float | None:
     return float(value.strip())
 
 
+DEFAULT_TIMEOUT = 10.0
+"""Seconds one request to the gateway may take."""
 MAX_BATCH = 1000
 """Events per ``POST /publish`` at most (the gateway's limit)."""
 BATCH_BYTES = 48 * 1024
@@ -77,7 +80,11 @@ def _too_large(exc: PublishError) -> bool:
 
 class HttpTransport:
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 10.0, retry_for: float = 10.0
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_for: float = DEFAULT_RETRY_FOR,
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -193,7 +200,11 @@ class AsyncHttpTransport:
     """The blocking transport run in a worker thread: publishing over HTTP is not a hot path."""
 
     def __init__(
-        self, url: str, token: str | None = None, timeout: float = 10.0, retry_for: float = 10.0
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry_for: float = DEFAULT_RETRY_FOR,
     ) -> None:
         self.sync = HttpTransport(url, token, timeout, retry_for)
 
