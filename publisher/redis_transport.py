@@ -189,6 +189,8 @@ class RedisTransport:
         return self._drive(self.plan.send(messages))
 
     def _send_once(self, messages: Sequence[Message], priors: Sequence[str]) -> list[str]:
+        """One attempt of a publish (the plan's ``Attempt``): one round trip, two after
+        ``NOSCRIPT``."""
         return self._drive(self.plan.attempt(messages, priors))
 
     def position(self, topics: tuple[str, ...] = ()) -> str:
@@ -270,12 +272,14 @@ class AsyncRedisTransport:
         return await self._drive(self.plan.attempt(messages, priors))
 
     async def position(self, topics: tuple[str, ...] = ()) -> str:
+        """The clock (one ``GET``); transient errors are retried for ``retry_for`` seconds."""
         return await self._drive(self.plan.position())
 
     async def close(self) -> None:
         await self.client.aclose()
 
     async def _drive(self, plan: Plan[_T]) -> _T:
+        """Carry out the plan's commands until it returns; an error is the plan's to judge."""
         try:
             result: Any = None
             failure: Exception | None = None
