@@ -183,6 +183,21 @@ class TokenVerifier:
 
     async def verify(self, token: str) -> Grant:
         """The token's grant; raises a 401 (or 503 when the JWKS cannot be read)."""
+        algorithm, kid = self._algorithm(token)
+        keys = await self._keys_for(algorithm, kid)
+        claims = self._decode(token, algorithm, keys)
+        return grant_from_claims(claims)
+
+    def verify_now(self, token: str) -> Grant | None:
+        """:meth:`verify` when no key has to be fetched (no JWKS is configured); else None."""
+        if self.jwks is not None:
+            return None
+        algorithm, _ = self._algorithm(token)
+        keys = self.secrets if algorithm in HMAC_ALGORITHMS else self._public_keys(algorithm)
+        return grant_from_claims(self._decode(token, algorithm, keys))
+
+    def _algorithm(self, token: str) -> tuple[str, object]:
+        """The token's accepted algorithm and key id, read from its unverified header."""
         if len(token) > MAX_TOKEN_BYTES:
             raise invalid_token(f"it is longer than {MAX_TOKEN_BYTES} bytes")
         try:
@@ -192,14 +207,15 @@ class TokenVerifier:
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in self.algorithms:
             raise invalid_token(f"algorithm {str(algorithm)[:20]!r} is not accepted")
-        keys = await self._keys_for(algorithm, header.get("kid"))
-        claims = self._decode(token, algorithm, keys)
-        return grant_from_claims(claims)
+        return algorithm, header.get("kid")
+
+    def _public_keys(self, algorithm: str) -> list[Any]:
+        return [key for key in self.public_keys if algorithm in _algorithms_for(key)]
 
     async def _keys_for(self, algorithm: str, kid: object) -> Sequence[Any]:
         if algorithm in HMAC_ALGORITHMS:
             return self.secrets
-        keys = [key for key in self.public_keys if algorithm in _algorithms_for(key)]
+        keys = self._public_keys(algorithm)
         if self.jwks is not None:
             kid_text = kid if isinstance(kid, str) else None
             found = await self.jwks.keys(kid_text)
@@ -269,6 +285,14 @@ class Authorizer:
         if token is None or self.verifier is None:
             return ANONYMOUS
         return Identity(await self.verifier.verify(token))
+
+    def identify_now(self, token: str | None) -> Identity | None:
+        """:meth:`identify` when it needs no wait; None when the key must come from the JWKS.
+        Raises the same refusals."""
+        if token is None or self.verifier is None:
+            return ANONYMOUS
+        grant = self.verifier.verify_now(token)
+        return None if grant is None else Identity(grant)
 
     def check_subscribe(self, identity: Identity, topics: Sequence[str]) -> None:
         if not self.enabled:

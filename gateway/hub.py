@@ -86,6 +86,14 @@ class Hub:
         Returns the engine's ``delivered_through`` as it was when ``sub`` joined its topics:
         every live frame offered to ``sub`` afterwards is newer (None when unknown).
         Raises ``EngineUnavailable`` if a subscribe fails; the caller must still detach."""
+        through, waits = self.join(sub)
+        for ready in waits:
+            await asyncio.shield(ready)
+        return through
+
+    def join(self, sub: Session) -> tuple[int | None, list[asyncio.Task[None]]]:
+        """Register ``sub`` now: ``delivered_through`` as it joined, and the subscribes it must
+        still wait for (none when :meth:`following` said so)."""
         self.subscribers.add(sub)
         self.reclaimer.opened(len(self.subscribers))
         through = self.engine.delivered_through()
@@ -105,9 +113,19 @@ class Hub:
             topic.subscribers.add(sub)
             if not topic.ready.done():
                 waits.append(topic.ready)
-        for ready in waits:
-            await asyncio.shield(ready)
-        return through
+        return through, waits
+
+    def following(self, topics: Sequence[str]) -> bool:
+        """Whether the engine is subscribed to every one of ``topics`` already: a stream on
+        them joins with nothing to wait for."""
+        for name in topics:
+            topic = self._topics.get(name)
+            if topic is None:
+                return False
+            ready = topic.ready
+            if not ready.done() or ready.cancelled() or ready.exception() is not None:
+                return False
+        return True
 
     def _subscribe(self, name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(self.engine.subscribe(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import math
@@ -48,6 +49,12 @@ class RateLimiter:
             return (cost - tokens) / self.rate
         self._buckets[key] = (tokens - cost, now)
         return 0.0
+
+    def refund(self, key: str, cost: float = 1.0) -> None:
+        """Give back what an :meth:`acquire` took, for a request refused after all."""
+        entry = self._buckets.get(key)
+        if entry is not None:
+            self._buckets[key] = (min(self.burst, entry[0] + cost), entry[1])
 
     def _make_room(self, now: float) -> None:
         for key, (tokens, stamp) in list(self._buckets.items()):
@@ -106,9 +113,10 @@ class Admission:
                 retry_after(1 + self.open % 5),
             )  # fmt: skip
 
-    def check_address(self, address: str | None) -> None:
+    def check_address(self, address: str | None) -> str | None:
+        """Returns the key whose rate was charged, if any."""
         if not address or (self.public_only and not is_public(address)):
-            return
+            return None
         address = address_key(address)
         if self.max_per_address and self.by_address_open.get(address, 0) >= self.max_per_address:
             raise HTTPError(
@@ -120,6 +128,8 @@ class Admission:
             wait = self.by_address.acquire(address)
             if wait:
                 raise rate_limited("address", wait)
+            return address
+        return None
 
     def check_subject(self, subject: str | None) -> None:
         if subject is None:
@@ -134,6 +144,18 @@ class Admission:
             wait = self.by_subject_rate.acquire(subject)
             if wait:
                 raise rate_limited("subject", wait)
+
+    def admit(self, subject: str | None, address: str | None) -> None:
+        """The node, address and subject checks as one step: when one refuses, no rate token
+        stays taken (the same request may then be checked again, with the same outcome)."""
+        self.check_node()
+        charged = self.check_address(address)
+        try:
+            self.check_subject(subject)
+        except HTTPError:
+            if charged is not None and self.by_address is not None:
+                self.by_address.refund(charged)
+            raise
 
     def opened(self, subject: str | None, address: str | None = None) -> None:
         self.open += 1
@@ -160,6 +182,7 @@ PUBLIC_ADDRESS_RATE = 50.0
 """New streams per second per public address (bursts of twice that) while none is set."""
 
 
+@functools.lru_cache(maxsize=4096)
 def is_public(address: str) -> bool:
     """Whether ``address`` is a globally routable IP address: never a balancer's private,
     loopback or link-local one (anything unparsable counts as not public)."""
@@ -172,6 +195,7 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
+@functools.lru_cache(maxsize=4096)
 def address_key(address: str) -> str:
     """What the per-address limits count: an IPv6 client by its /64, which one host or one
     home usually holds whole (so it cannot dodge them by changing address within it)."""

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from starlette.types import Scope
@@ -120,6 +121,7 @@ def guards_host(settings: Settings) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback_name(host: bytes | None) -> bool:
     """A ``Host`` that no outside page can rebind to this machine: ``localhost``,
     ``*.localhost`` (RFC 6761), a loopback address, or a single-label name (public DNS serves

@@ -140,6 +140,26 @@ def test_the_topic_table_subscribes_once_and_lets_go_after_the_linger() -> None:
     run(scenario, linger=0.0)
 
 
+def test_a_session_joins_with_nothing_to_wait_for_only_on_topics_already_followed() -> None:
+    """``following`` is what lets a stream open below the request cycle: a topic whose
+    subscribe is still in flight is not followed yet."""
+
+    async def scenario(hub: Hub, engine: MemoryEngine) -> None:
+        assert not hub.following(("t",))
+        first = Session(("t",), None, 10_000)
+        _, waits = hub.join(first)
+        assert len(waits) == 1
+        assert not hub.following(("t",))
+        await waits[0]
+        assert hub.following(("t",))
+        assert not hub.following(("t", "u"))
+        second = Session(("t",), None, 10_000)
+        assert hub.join(second)[1] == []
+        assert hub.subscribers == {first, second}
+
+    run(scenario)
+
+
 def test_a_lost_history_ends_the_streams_of_those_topics_only() -> None:
     async def scenario(hub: Hub, engine: MemoryEngine) -> None:
         lost = await live_session(hub, "lost")

@@ -505,3 +505,21 @@ def test_a_canary_misses_nothing_while_the_node_is_hammered(
     numbered = [e for e in canary.events if e.event == "n"]
     assert [orjson.loads(e.data)["seq"] for e in numbered] == list(range(len(sent)))
     assert [e.id for e in numbered] == sent
+
+
+def test_an_admission_refused_on_its_subject_keeps_no_address_token() -> None:
+    """``Admission.admit`` is all or nothing: a stream opened below the request cycle that is
+    refused there is checked again by the ASGI path, which must find the same state."""
+    from gateway.config import Settings
+    from gateway.errors import HTTPError
+    from gateway.limits import Admission
+
+    admission = Admission(Settings(connect_rate_per_address=1, connect_rate=0.5))
+    address = "203.0.113.1"
+    admission.admit("alice", address)  # takes 1 of the address's 2 tokens, alice's only one
+    with pytest.raises(HTTPError) as refused:
+        admission.admit("alice", address)
+    assert refused.value.error == "rate_limited"
+    admission.check_address(address)  # the token the refused admit took was given back
+    with pytest.raises(HTTPError):
+        admission.check_address(address)
