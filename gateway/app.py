@@ -45,6 +45,7 @@ from gateway.origins import (
     host_not_allowed,
     is_loopback_client,
 )
+from gateway.protocol import STREAMS_STATE
 from gateway.publishing import (
     PublishFailed,
     PublishRate,
@@ -296,7 +297,7 @@ class Gateway:
         self.hub.close_all("shutdown")
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await self.engine.start()
         await self.hub.start()
         await self.authorizer.start()
@@ -313,7 +314,8 @@ class Gateway:
         if self.demo is not None:
             self.demo.start(page_url(self.settings.host, self.settings.port))
         try:
-            yield
+            # The listener's protocol finds the stream handler here (``gateway.protocol``).
+            yield {STREAMS_STATE: self.stream}
         finally:
             if self.announcing is not None:
                 self.announcing.cancel()

@@ -32,19 +32,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Callable
+import logging
+import typing
+import weakref
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import h11
 import orjson
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.utils import (
+    get_client_addr,
+    get_path_with_query_string,
+    is_ssl,
+)
 
 from gateway.errors import HTTPError
+
+try:
+    import httptools
+except ImportError:  # uvicorn then speaks h11, and no StreamFront is made
+    httptools = None  # type: ignore[assignment]
 
 PEER_EXTENSION = "sse_gateway.peer"
 CONNECTION_EXTENSION = "sse_gateway.connection"
 """``scope["extensions"]`` key of the httptools protocol serving the request: a direct sink
 (``gateway.sinks``) sets its ``lost_listener`` to hear of the connection's loss."""
+STREAMS_STATE = "sse_gateway.streams"
+"""Lifespan-state key (``app_state``) of the node's :class:`DirectStreams`."""
 REQUEST_LINE_BYTES = 8192
 """Allowance for the method, path and version on top of the header and query bounds."""
 
@@ -64,6 +79,7 @@ def _refusal(status: int, reason: bytes, error: str, message: str) -> bytes:
 class HeadGuard:
     """The timer and byte count of the request head being read on one connection."""
 
+    __slots__ = ("_head_begun", "_head_bytes", "_head_timer")
     header_timeout: float = 15.0
     max_head_bytes: int = 32768
 
@@ -79,6 +95,16 @@ class HeadGuard:
     def _arm_head_timer(self) -> None:
         if self._head_timer is None:
             self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _head_deadline(self) -> float | None:
+        """When the head timer fires (None: not armed)."""
+        return self._head_timer.when() if self._head_timer is not None else None
+
+    def _adopt_head_deadline(self, deadline: float) -> None:
+        """Keep the deadline of a head that another protocol began reading on this connection."""
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_at(deadline, self._head_timed_out)
 
     def _head_done(self) -> None:
         self._head_bytes = 0
@@ -272,30 +298,413 @@ class H11Guard(HeadGuard):
             scope.setdefault("extensions", {})[PEER_EXTENSION] = self.client
 
 
+class DirectStreams(typing.Protocol):
+    """What the listener's protocol asks to serve a plain ``GET /events`` itself
+    (``gateway.stream.EventStream``, found in the lifespan state under :data:`STREAMS_STATE`)."""
+
+    def open_direct(self, scope: dict[str, Any], connection: StreamFront) -> bool: ...
+
+
+EVENTS_REQUEST_LINES = (b"GET /events?", b"GET /events ")
+EVENTS_PREFIX_BYTES = len(EVENTS_REQUEST_LINES[0])
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+async def _forwarded_only(scope: Any, receive: Any, send: Any) -> None:
+    """The inner app of the proxy-headers step run on a direct stream's scope: nothing."""
+
+
+class HeadWatch:
+    """The head deadlines of one server's fresh connections, swept by one timer. A timer per
+    connection, armed at accept and cancelled once the head is read, costs more than all of
+    a stream's opening; this costs a dict entry. A head is refused between ``timeout`` and
+    ``timeout + tick`` after its connection opened."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.tick = min(1.0, max(0.02, timeout / 4))
+        self.deadlines: dict[HeadGuard, float] = {}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self, guard: HeadGuard) -> None:
+        self.deadlines[guard] = self.loop.time() + self.timeout
+        if self.timer is None:
+            self.timer = self.loop.call_later(self.tick, self._sweep)
+
+    def forget(self, guard: HeadGuard) -> None:
+        self.deadlines.pop(guard, None)
+
+    def deadline(self, guard: HeadGuard) -> float | None:
+        return self.deadlines.get(guard)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        due = [guard for guard, deadline in self.deadlines.items() if deadline <= now]
+        for guard in due:
+            self.deadlines.pop(guard, None)
+            guard._head_timed_out()
+        if self.deadlines:
+            self.timer = self.loop.call_later(self.tick, self._sweep)
+
+
+_head_watches: weakref.WeakKeyDictionary[Any, HeadWatch] = weakref.WeakKeyDictionary()
+
+
+def _head_watch(server_state: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> HeadWatch:
+    """The watch of one server (its ``ServerState``): connections of that server share it."""
+    watch = _head_watches.get(server_state)
+    if watch is None:
+        watch = _head_watches[server_state] = HeadWatch(loop, timeout)
+    return watch
+
+
+class StreamFront(HeadGuard, asyncio.Protocol):
+    """The listener's protocol when httptools speaks HTTP/1.1.
+
+    It reads a connection's first request head. A plain ``GET /events`` that the node can open
+    at once (``DirectStreams.open_direct``) is answered here: no ASGI cycle, no task, no
+    per-request objects once it is live; the session's bytes go to the transport
+    (``gateway.sinks.DirectSink``). Every other connection is handed, with the bytes read so
+    far, to uvicorn's protocol (:attr:`delegate`), which serves it exactly as it would have;
+    so is a kept-alive connection once its stream ended. A connection costs what it costs in
+    uvloop and httptools, not what a request cycle costs.
+
+    Like uvicorn's protocol it is in ``server_state.connections`` (a graceful shutdown waits
+    for it and calls :meth:`shutdown`) and writes the access line and the default headers."""
+
+    __slots__ = (
+        "app_state", "config", "headers",
+        "keep_alive", "loop", "lost_listener", "message_complete", "messages", "parser",
+        "pending", "plain", "received", "server_state", "serving", "transport", "url", "watch",
+    )  # fmt: skip
+
+    delegate: type[Any]
+    """uvicorn's protocol (with the head limits): set by :func:`protocol_class`."""
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.received = b""
+        self.pending = b""
+        self.parser: Any = None
+        self.serving = False
+        self.keep_alive = True
+        self.lost_listener: Callable[[], object] | None = None
+        """Called once when the connection is lost while a stream is served."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.server_state.connections.add(self)
+        self.watch = _head_watch(self.server_state, self.loop, self.header_timeout)
+        self._guard_start()
+
+    # the head's deadline is kept by the server's HeadWatch, not by a timer of its own
+
+    def _arm_head_timer(self) -> None:
+        self.watch.watch(self)
+
+    def _head_deadline(self) -> float | None:
+        return self.watch.deadline(self)
+
+    def _head_done(self) -> None:
+        self._head_bytes = 0
+        self._head_begun = False
+        self.watch.forget(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self._head_done()
+        self.parser = None
+        listener, self.lost_listener = self.lost_listener, None
+        if listener is not None:
+            listener()
+
+    def data_received(self, data: bytes) -> None:
+        if self.serving:
+            # Bytes behind an event stream's request: kept for the request that follows it on
+            # this connection (within the head bound; more is not a client).
+            self.pending += data
+            if len(self.pending) > self.max_head_bytes:
+                self.transport.abort()
+            return
+        received = self.received = self.received + data
+        self._head_begun = True
+        if self.parser is None:
+            if len(received) < EVENTS_PREFIX_BYTES:
+                if not any(line.startswith(received) for line in EVENTS_REQUEST_LINES):
+                    self._hand_off()
+                return
+            if not received.startswith(EVENTS_REQUEST_LINES):
+                self._hand_off()
+                return
+            self.url = b""
+            self.headers: list[tuple[bytes, bytes]] = []
+            self.messages = 0
+            self.plain: bool | None = None
+            self.message_complete = False
+            self.parser = httptools.HttpRequestParser(self)
+            data = received
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            self._hand_off()  # uvicorn answers it as it answers any such request
+            return
+        if self.message_complete:
+            self._open()
+        elif self.plain is not None:
+            self._hand_off()  # a body follows this head: not a plain GET
+        else:
+            self._count_head(len(data))
+
+    # httptools callbacks (the first request's head only)
+
+    def on_message_begin(self) -> None:
+        self.messages += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        # Read here: once the message is complete, llhttp has reset what these report.
+        parser = self.parser
+        self.keep_alive = parser.should_keep_alive()
+        self.plain = parser.get_http_version() == "1.1" and not parser.should_upgrade()
+
+    def on_message_complete(self) -> None:
+        self.message_complete = True
+
+    def _open(self) -> None:
+        self.parser = None
+        streams: DirectStreams | None = self.app_state.get(STREAMS_STATE)
+        scope = None
+        if (
+            streams is not None
+            and self.messages == 1
+            and self.plain is True
+            and not self.config.root_path
+            and self.config.limit_concurrency is None
+            and not any(name in UNUSUAL_HEADERS for name, _ in self.headers)
+        ):
+            scope = self._scope()
+        if scope is None:
+            self._hand_off()
+            return
+        self.serving = True
+        if not streams.open_direct(scope, self):  # type: ignore[union-attr]
+            self.serving = False
+            self._hand_off()
+            return
+        self._head_done()
+        self.received = b""
+        self.headers = []
+
+    def _scope(self) -> dict[str, Any] | None:
+        """The request as uvicorn would give it to the app (behind its proxy-headers step), or
+        None when it is not exactly ``/events``."""
+        try:
+            parsed = httptools.parse_url(self.url)
+        except httptools.HttpParserError:  # uvicorn answers it
+            return None
+        if parsed.path != b"/events":
+            return None
+        transport = self.transport
+        client = _address(transport.get_extra_info("peername"))
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": _address(transport.get_extra_info("sockname")),
+            "client": client,
+            "scheme": "https" if is_ssl(transport) else "http",
+            "root_path": "",
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+            "method": "GET",
+            "path": "/events",
+            "raw_path": b"/events",
+            "query_string": parsed.query or b"",
+            "extensions": {PEER_EXTENSION: client},
+        }
+        if (
+            self.config.proxy_headers
+            and any(name in FORWARDING_HEADERS for name, _ in self.headers)
+            and not _run_at_once(_proxy_headers(self.config)(scope, None, None))
+        ):
+            return None
+        return scope
+
+    # what the stream asks of its connection
+
+    def start_response(
+        self, scope: Any, headers: list[tuple[bytes, bytes]], first_chunk: bytes
+    ) -> None:
+        """``200`` with ``headers``, chunked, and the body's first chunk: one write (and the
+        access line uvicorn would write)."""
+        access = logging.getLogger("uvicorn.access")
+        if access.hasHandlers():
+            access.info(
+                '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
+                get_path_with_query_string(scope), "1.1", 200,
+            )  # fmt: skip
+        content = [b"HTTP/1.1 200 OK\r\n"]
+        for name, value in (*self.server_state.default_headers, *headers):
+            content += (name, b": ", value, b"\r\n")
+        if not self.keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"transfer-encoding: chunked\r\n\r\n", first_chunk)
+        self.transport.write(b"".join(content))
+
+    def end_response(self, last: bytes, abort: bool = False) -> None:
+        """End the stream: its last chunks and the terminating one (or drop the connection when
+        ``abort``); a kept-alive connection then goes to uvicorn for its next request."""
+        self.serving = False
+        self.lost_listener = None
+        self.server_state.total_requests += 1
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if abort:
+            transport.abort()
+            return
+        transport.write(last + LAST_CHUNK)
+        if not self.keep_alive:
+            transport.close()
+            return
+        pending, self.pending = self.pending, b""
+        delegate = self._hand_over()
+        if pending:
+            delegate.data_received(pending)
+        else:
+            delegate._head_done()
+            delegate.timeout_keep_alive_task = self.loop.call_later(
+                self.config.timeout_keep_alive, delegate.timeout_keep_alive_handler
+            )
+
+    def shutdown(self) -> None:
+        """The server is stopping: a stream ends its connection when it ends (the drain ends
+        the streams); a connection still reading its head is closed."""
+        if self.serving:
+            self.keep_alive = False
+        else:
+            self.transport.close()
+
+    def _hand_off(self) -> None:
+        """uvicorn's protocol serves this connection from here, from the bytes read so far,
+        within what is left of the head's deadline."""
+        deadline = self._head_deadline()
+        received, self.received = self.received, b""
+        self.parser = None
+        delegate = self._hand_over()
+        if deadline is not None:
+            delegate._adopt_head_deadline(deadline)
+        if received:
+            delegate.data_received(received)
+
+    def _hand_over(self) -> Any:
+        self._head_done()
+        self.server_state.connections.discard(self)
+        delegate = self.delegate(
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+        self.transport.set_protocol(delegate)
+        delegate.connection_made(self.transport)
+        return delegate
+
+
+FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
+"""The headers uvicorn's proxy-headers step reads: without them it changes nothing."""
+UNUSUAL_HEADERS = frozenset({b"expect", b"upgrade", b"content-length", b"transfer-encoding"})
+"""A ``GET /events`` with one of these is left to uvicorn (a body, an upgrade, 100-continue)."""
+
+
+def _address(info: Any) -> tuple[str, int] | None:
+    """A TCP address as uvicorn's scope holds it, from ``peername`` or ``sockname`` (uvicorn
+    reads the same from a socket object, which uvloop builds afresh at each call)."""
+    if isinstance(info, tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+def _run_at_once(coroutine: Coroutine[Any, Any, None]) -> bool:
+    """Run a coroutine that never waits to its end now (False, closed, if it would wait)."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return True
+    coroutine.close()
+    return False
+
+
+_proxy_steps: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _proxy_headers(config: Any) -> Any:
+    """uvicorn's proxy-headers step as the server applies it (``Config.load``), for a direct
+    stream's scope: the same trusted addresses, the same rewriting."""
+    step = _proxy_steps.get(config)
+    if step is None:
+        from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
+        step = ProxyHeadersMiddleware(_forwarded_only, trusted_hosts=config.forwarded_allow_ips)
+        _proxy_steps[config] = step
+    return step
+
+
 def protocol_class(http: str, header_timeout: float, max_head_bytes: int) -> type[Any]:
     """uvicorn's ``http`` protocol (``"httptools"`` or ``"h11"``) with the head limits."""
     check_uvicorn()
+    limits: dict[str, Any] = {"header_timeout": header_timeout, "max_head_bytes": max_head_bytes}
     if http == "httptools":
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        bases: tuple[type[Any], ...] = (HttpToolsGuard, HttpToolsProtocol)
-    else:
-        bases = (H11Guard, H11Protocol)
-    limits = {"header_timeout": header_timeout, "max_head_bytes": max_head_bytes}
-    return type(f"Guarded{bases[1].__name__}", bases, limits)
+        guarded = type("GuardedHttpToolsProtocol", (HttpToolsGuard, HttpToolsProtocol), limits)
+        return type(
+            "GuardedStreamFront", (StreamFront,), {**limits, "__slots__": (), "delegate": guarded}
+        )
+    return type("GuardedH11Protocol", (H11Guard, H11Protocol), limits)
 
 
 REQUIRED: dict[str, tuple[str, ...]] = {
     "uvicorn.protocols.http.httptools_impl:HttpToolsProtocol": (
         "connection_made", "connection_lost", "data_received", "on_message_begin", "on_url",
-        "on_header", "on_headers_complete",
+        "on_header", "on_headers_complete", "timeout_keep_alive_handler",
     ),
+    "uvicorn.middleware.proxy_headers:ProxyHeadersMiddleware": ("__call__",),
     "uvicorn.protocols.http.httptools_impl:RequestResponseCycle": ("send", "run_asgi"),
     "uvicorn.protocols.http.h11_impl:H11Protocol": (
         "connection_made", "connection_lost", "data_received", "handle_events",
     ),
 }  # fmt: skip
 INIT_PARAMETERS = ("config", "server_state", "app_state", "_loop")
+
+
+SERVER_STATE = ("connections", "default_headers", "total_requests")
+"""What :class:`StreamFront` reads of uvicorn's ``ServerState``, as a connection does."""
+CONFIG = ("asgi_version", "root_path", "limit_concurrency", "proxy_headers",
+          "forwarded_allow_ips", "timeout_keep_alive")  # fmt: skip
+
+
+def _init_source(cls: type[Any]) -> str:
+    try:
+        return inspect.getsource(cls.__init__)
+    except (OSError, TypeError):
+        return ""
 
 
 def check_uvicorn() -> None:
@@ -314,8 +723,20 @@ def check_uvicorn() -> None:
         if class_name.endswith("Protocol"):
             parameters = inspect.signature(cls.__init__).parameters
             missing += [f"__init__({name}=)" for name in INIT_PARAMETERS if name not in parameters]
+        if class_name == "HttpToolsProtocol" and "timeout_keep_alive_task" not in _init_source(cls):
+            missing.append("timeout_keep_alive_task")
         if missing:
             raise RuntimeError(
                 f"this uvicorn's {class_name} lacks {', '.join(missing)}: gateway/protocol.py "
                 "needs updating for it"
             )
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    state, config = ServerState(), Config(app=_forwarded_only, interface="asgi3")
+    lacking = [f"ServerState.{name}" for name in SERVER_STATE if not hasattr(state, name)]
+    lacking += [f"Config.{name}" for name in CONFIG if not hasattr(config, name)]
+    if lacking:
+        raise RuntimeError(
+            f"this uvicorn lacks {', '.join(lacking)}: gateway/protocol.py needs updating for it"
+        )

@@ -2,7 +2,8 @@
 
 Two sinks:
 
-- :class:`DirectSink`: a live stream on uvicorn's httptools protocol with a chunked response.
+- :class:`DirectSink`: a live stream on a chunked HTTP/1.1 response, opened either below the
+  request cycle by ``gateway.protocol.StreamFront`` or through uvicorn's httptools protocol.
   The hub writes finished HTTP/1.1 chunks (framed once per node) to the transport itself at the
   end of a loop turn, and the protocol tells the stream when the connection is lost: such a
   stream needs no task of its own.
@@ -240,9 +241,15 @@ def listen_with_keepalive(sockets: Iterable[Any], idle: float) -> None:
 
 def enable_keepalive(send: Send, idle: float) -> None:
     """TCP keepalive on this response's connection, unless its listener already gave it."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is not None:
+        keep_alive_transport(transport, idle)
+
+
+def keep_alive_transport(transport: Transport, idle: float) -> None:
+    """TCP keepalive on this transport's socket, unless its listener already gave it."""
     if _listeners_keepalive == idle:
         return
-    transport = getattr(getattr(send, "__self__", None), "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         set_keepalive(sock, idle)

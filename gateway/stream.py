@@ -39,8 +39,18 @@ from gateway.errors import HTTPError, bad_request
 from gateway.hub import Hub
 from gateway.limits import Admission, check_sizes
 from gateway.metrics import Metrics
+from gateway.origins import guards_host, host_not_allowed
+from gateway.protocol import StreamFront
 from gateway.session import CloseReason, Session
-from gateway.sinks import AsgiSink, DirectSink, abort, direct_sink, enable_keepalive, http_chunk
+from gateway.sinks import (
+    AsgiSink,
+    DirectSink,
+    abort,
+    direct_sink,
+    enable_keepalive,
+    http_chunk,
+    keep_alive_transport,
+)
 from publisher.protocol import (
     MAX_TOPIC_LENGTH,
     check_field,
@@ -182,6 +192,7 @@ class EventStream:
         self.preamble = retry(settings.retry_ms) + comment("ok")
         self.preamble_chunk = http_chunk(self.preamble)
         self.accepting = True
+        self.guard_host = guards_host(settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cors_headers = self.cors.headers_for(scope)
@@ -247,6 +258,59 @@ class EventStream:
         self.metrics.rejected.labels(str(exc.status)).inc()
         exc.headers.update((k.decode(), v.decode("latin-1")) for k, v in cors)
         await exc(scope, receive, send)
+
+    def open_direct(self, scope: Scope, connection: StreamFront) -> bool:
+        """Open a fresh stream now, below the ASGI cycle (``gateway.protocol.StreamFront``): no
+        task and no request objects are kept, only the session, its sink and this driver.
+
+        Only for what can go live in this call: a ``GET`` with no position, on topics this
+        node follows already, whose token needs no key fetched. Anything else, or any check
+        that refuses, returns False having changed nothing: uvicorn then runs the request
+        through :meth:`__call__`, which decides (and counts) as it always does."""
+        settings = self.settings
+        if not self.accepting or (self.guard_host and host_not_allowed(scope) is not None):
+            return False
+        client = scope.get("client")
+        address = client[0] if client else None
+        try:
+            self.admission.check_node()
+            check_sizes(scope, settings)
+            request = parse_stream_request(scope, settings.max_topics)
+            if request.position is not None or self.engine.delivered_through() is None:
+                return False
+            identity = self.authorizer.identify_now(self._token(scope, request))
+            if identity is None or not self.hub.following(request.topics):
+                return False
+            self.authorizer.check_subscribe(identity, request.topics)
+            self.admission.admit(identity.subject, address)
+        except HTTPError:
+            return False
+        self.metrics.accepted.inc()
+        self.admission.opened(identity.subject, address)
+        cors_headers = self.cors.headers_for(scope)
+        session = Session(request.topics, request.types, settings.max_pending_bytes)
+        session.framing = http_chunk
+        session.sink = sink = DirectSink(connection.transport, connection)
+        through, waits = self.hub.join(session)
+        # following() said so, and nothing was awaited since
+        assert not waits
+        assert through is not None
+        session.start_replay(through, through)
+        session.go_live()
+        connection.start_response(
+            scope, STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS,
+            self.preamble_chunk,
+        )  # fmt: skip
+        if settings.tcp_keepalive:
+            keep_alive_transport(connection.transport, settings.tcp_keepalive)
+        self.metrics.connections.inc()
+        self.metrics.connections_total.inc()
+        session.last_write = started = connection.loop.time()
+        stream = DirectStream(self, session, connection, identity.subject, address, started)
+        stream.timers = self._timers(session, identity)
+        session.listener = stream.closing
+        sink.watch(stream.lost)
+        return True
 
     def refusal(self, reason: str, message: str, wait: float = 0.0) -> bytes:
         """Count a refusal and frame it: a jittered ``retry:``, a comment and ``event: refused``
@@ -325,23 +389,28 @@ class EventStream:
             if watcher is not None:
                 watcher.cancel()
                 await asyncio.gather(watcher, return_exceptions=True)
-            self.hub.detach(session)
-            reason = session.finished()
-            self.metrics.connections.dec()
-            self.metrics.disconnected(reason.value)
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "stream closed",
-                    extra={
-                        "subject": identity.subject,
-                        "topics": len(request.topics),
-                        "duration_s": round(loop.time() - started, 3),
-                        "events": session.events,
-                        "reason": reason.value,
-                    },
-                )
+            reason = self.ended(session, identity.subject, started)
         if reason.shed:
             await abort(send)
+
+    def ended(self, session: Session, subject: str | None, started: float) -> CloseReason:
+        """A session's driver is done with it: leave the hub, count and log it."""
+        self.hub.detach(session)
+        reason = session.finished()
+        self.metrics.connections.dec()
+        self.metrics.disconnected(reason.value)
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "stream closed",
+                extra={
+                    "subject": subject,
+                    "topics": len(session.topics),
+                    "duration_s": round(asyncio.get_running_loop().time() - started, 3),
+                    "events": session.events,
+                    "reason": reason.value,
+                },
+            )
+        return reason
 
     def _timers(self, session: Session, identity: Identity) -> list[asyncio.TimerHandle]:
         """Token expiry and maximum lifetime: each ends the stream with a farewell."""
@@ -481,6 +550,51 @@ class EventStream:
             else:
                 await asgi.send(session.take())
         await asgi.finish()
+
+
+class DirectStream:
+    """The driver of a stream opened by :meth:`EventStream.open_direct`: it holds no task.
+    The hub writes the live session's bytes; the protocol reports the connection's loss;
+    once the session closes (client gone, shed, timer, drain), the next loop turn ends it."""
+
+    __slots__ = ("address", "connection", "session", "started", "stream", "subject", "timers")
+
+    def __init__(
+        self,
+        stream: EventStream,
+        session: Session,
+        connection: StreamFront,
+        subject: str | None,
+        address: str | None,
+        started: float,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.connection = connection
+        self.subject = subject
+        self.address = address
+        self.started = started
+        self.timers: list[asyncio.TimerHandle] = []
+
+    def lost(self) -> None:
+        self.session.close(CloseReason.CLIENT_CLOSED)
+
+    def closing(self, session: Session) -> None:
+        # Not now: the close may come from inside the hub's fan-out over this topic.
+        self.connection.loop.call_soon(self.end)
+
+    def end(self) -> None:
+        """Write what the session still owes and end the response (or drop the connection
+        of a shed client), then leave the hub."""
+        session = self.session
+        for timer in self.timers:
+            timer.cancel()
+        self.connection.lost_listener = None
+        shed = session.reason is not None and session.reason.shed
+        self.connection.end_response(session.take() if session.out else b"", abort=shed)
+        stream = self.stream
+        stream.ended(session, self.subject, self.started)
+        stream.admission.closed(self.subject, self.address)
 
 
 async def _watch_disconnect(receive: Receive, session: Session) -> None:
