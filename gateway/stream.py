@@ -287,29 +287,36 @@ class EventStream:
             return False
         self.metrics.accepted.inc()
         self.admission.opened(identity.subject, address)
-        cors_headers = self.cors.headers_for(scope)
+        self.metrics.connections.inc()
+        self.metrics.connections_total.inc()
         session = Session(request.topics, request.types, settings.max_pending_bytes)
         session.framing = http_chunk
         session.sink = sink = DirectSink(connection.transport, connection)
-        through, waits = self.hub.join(session)
-        # following() said so, and nothing was awaited since
-        assert not waits
-        assert through is not None
-        session.start_replay(through, through)
-        session.go_live()
-        connection.start_response(
-            scope, STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS,
-            self.preamble_chunk,
-        )  # fmt: skip
-        if settings.tcp_keepalive:
-            keep_alive_transport(connection.transport, settings.tcp_keepalive)
-        self.metrics.connections.inc()
-        self.metrics.connections_total.inc()
-        session.last_write = started = connection.loop.time()
+        started = connection.loop.time()
         stream = DirectStream(self, session, connection, identity.subject, address, started)
-        stream.timers = self._timers(session, identity)
         session.listener = stream.closing
-        sink.watch(stream.lost)
+        try:
+            through, waits = self.hub.join(session)
+            if waits or through is None:  # following() said otherwise, in this same call
+                raise RuntimeError("a direct stream joined a topic not yet subscribed")
+            session.start_replay(through, through)
+            session.go_live()
+            cors_headers = self.cors.headers_for(scope)
+            connection.start_response(
+                scope, STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS,
+                self.preamble_chunk,
+            )  # fmt: skip
+            session.last_write = started
+            if settings.tcp_keepalive:
+                keep_alive_transport(connection.transport, settings.tcp_keepalive)
+            stream.timers = self._timers(session, identity)
+            sink.watch(stream.lost)
+        except Exception:
+            # Never into the protocol's callback: drop the connection, and let the session's
+            # close undo the rest (hub, admission, gauge) as any close does.
+            log.exception("stream failed")
+            connection.transport.abort()
+            session.close(CloseReason.CLOSED)
         return True
 
     def refusal(self, reason: str, message: str, wait: float = 0.0) -> bytes:
@@ -344,18 +351,21 @@ class EventStream:
         session.listener = asgi.closing
         loop = asyncio.get_running_loop()
         started = loop.time()
+        timers: list[asyncio.TimerHandle] = []
+        direct: DirectSink | None = None
+        watcher: asyncio.Task[None] | None = None
         self.metrics.connections.inc()
         self.metrics.connections_total.inc()
-        timers = self._timers(session, identity)
-        if settings.tcp_keepalive:
-            enable_keepalive(send, settings.tcp_keepalive)
-        direct = direct_sink(scope, send)
-        watcher: asyncio.Task[None] | None = None
-        if direct is not None:
-            direct.watch(functools.partial(session.close, CloseReason.CLIENT_CLOSED))
-        else:
-            watcher = loop.create_task(_watch_disconnect(receive, session))
         try:
+            # Inside the try: whatever fails from here, the finally below undoes it all.
+            timers = self._timers(session, identity)
+            if settings.tcp_keepalive:
+                enable_keepalive(send, settings.tcp_keepalive)
+            direct = direct_sink(scope, send)
+            if direct is not None:
+                direct.watch(functools.partial(session.close, CloseReason.CLIENT_CLOSED))
+            else:
+                watcher = loop.create_task(_watch_disconnect(receive, session))
             try:
                 async with asgi.opening():
                     opened = await self._open(session, request, asgi, direct)
@@ -591,10 +601,12 @@ class DirectStream:
             timer.cancel()
         self.connection.lost_listener = None
         shed = session.reason is not None and session.reason.shed
-        self.connection.end_response(session.take() if session.out else b"", abort=shed)
-        stream = self.stream
-        stream.ended(session, self.subject, self.started)
-        stream.admission.closed(self.subject, self.address)
+        try:
+            self.connection.end_response(session.take() if session.out else b"", abort=shed)
+        finally:
+            stream = self.stream
+            stream.ended(session, self.subject, self.started)
+            stream.admission.closed(self.subject, self.address)
 
 
 async def _watch_disconnect(receive: Receive, session: Session) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import jwt
+import pytest
 import uvicorn
 
 from gateway.app import Gateway
@@ -354,3 +355,33 @@ def test_every_answer_below_the_request_cycle_is_the_answer_uvicorn_gives() -> N
         with_front, without = answers(options, tokens)
         assert with_front[:-1] == without[:-1], options
         assert (with_front[-1], without[-1]) == (direct, b"direct=0"), options
+
+
+def test_a_failure_while_opening_drops_that_connection_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception in a direct opening never escapes into the protocol's callback: the
+    connection is dropped, and the hub, the admission counts and the gauge are as before."""
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("broken transport")
+
+    async def scenario() -> None:
+        async with node() as (gateway, _server, port):
+            holder = await Client.connect(port)
+            await holder.send(events_request("t"))
+            await holder.read_until(b": ok\n\n")
+            monkeypatch.setattr(StreamFront, "start_response", broken)
+            doomed = await Client.connect(port)
+            await doomed.send(events_request("t"))
+            assert await doomed.read_to_end() == b""
+            await wait_until_async(
+                lambda: len(gateway.hub.subscribers) == 1, "the failed stream left", TIMEOUT
+            )
+            assert gateway.stream.admission.open == 1
+            assert gateway.metrics.registry.get_sample_value("sse_connections") == 1
+            holder.close()
+            doomed.close()
+
+    run(scenario)
+    assert "broken transport" in caplog.text
