@@ -508,7 +508,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
             self._hand_off()
             return
         self._head_done()
-        self.received = b""
+        self.received = self.url = b""
         self.headers = []
 
     def _scope(self) -> dict[str, Any] | None:
