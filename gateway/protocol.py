@@ -44,7 +44,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.utils import (
     get_client_addr,
     get_path_with_query_string,
-    is_ssl,
 )
 
 from gateway.errors import HTTPError
@@ -512,26 +511,24 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         self.headers = []
 
     def _scope(self) -> dict[str, Any] | None:
-        """The request as uvicorn would give it to the app (behind its proxy-headers step), or
-        None when it is not exactly ``/events``."""
+        """The request as uvicorn would give it to the app (behind its proxy-headers step),
+        less what the stream never reads (``server``, a copy of the lifespan ``state``); None
+        when it is not exactly ``/events``."""
         try:
             parsed = httptools.parse_url(self.url)
         except httptools.HttpParserError:  # uvicorn answers it
             return None
         if parsed.path != b"/events":
             return None
-        transport = self.transport
-        client = _address(transport.get_extra_info("peername"))
+        client = _address(self.transport.get_extra_info("peername"))
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": self.config.asgi_version, "spec_version": "2.3"},
             "http_version": "1.1",
-            "server": _address(transport.get_extra_info("sockname")),
             "client": client,
-            "scheme": "https" if is_ssl(transport) else "http",
+            "scheme": "https" if self.config.is_ssl else "http",
             "root_path": "",
             "headers": self.headers,
-            "state": self.app_state.copy(),
             "method": "GET",
             "path": "/events",
             "raw_path": b"/events",
@@ -697,7 +694,7 @@ INIT_PARAMETERS = ("config", "server_state", "app_state", "_loop")
 SERVER_STATE = ("connections", "default_headers", "total_requests")
 """What :class:`StreamFront` reads of uvicorn's ``ServerState``, as a connection does."""
 CONFIG = ("asgi_version", "root_path", "limit_concurrency", "proxy_headers",
-          "forwarded_allow_ips", "timeout_keep_alive")  # fmt: skip
+          "forwarded_allow_ips", "timeout_keep_alive", "is_ssl")  # fmt: skip
 
 
 def _init_source(cls: type[Any]) -> str:

@@ -215,6 +215,16 @@ class Session:
         self.last_key = max(self.last_key, self.known)
         return events, size
 
+    def live_from(self, through: int) -> None:
+        """Go live at once, with nothing to replay: a client with no position gets every live
+        frame newer than ``through`` (the node's position as it joined). The same as
+        ``start_replay(through, through)`` then ``go_live()`` with nothing held."""
+        if self.phase is not Phase.REPLAYING:
+            return
+        self.held = None
+        self.last_key = self.known = through
+        self.phase = Phase.LIVE
+
     # -- live --------------------------------------------------------------------------------
 
     def offer(self, frame: Frame, wire: bytes) -> int:

@@ -299,8 +299,7 @@ class EventStream:
             through, waits = self.hub.join(session)
             if waits or through is None:  # following() said otherwise, in this same call
                 raise RuntimeError("a direct stream joined a topic not yet subscribed")
-            session.start_replay(through, through)
-            session.go_live()
+            session.live_from(through)
             cors_headers = self.cors.headers_for(scope)
             connection.start_response(
                 scope, STREAM_HEADERS + cors_headers if cors_headers else STREAM_HEADERS,

@@ -68,6 +68,22 @@ def test_a_fresh_client_gets_every_frame_that_arrived_after_it_joined() -> None:
     assert session.last_key == key(9)
 
 
+def test_a_client_with_no_position_on_a_followed_topic_goes_live_at_once() -> None:
+    """``live_from``: what a stream opened below the request cycle does instead of an empty
+    replay; only frames newer than the node's position when it joined are its own."""
+    session = Session(("a",), None, 10_000)
+    session.live_from(key(5))
+    assert session.phase is Phase.LIVE
+    assert session.held is None
+    assert session.offer(frame(5), b"") == NOT_QUEUED
+    assert session.offer(frame(6), b"") == FIRST
+    assert session.take() == frame(6).data
+    closed = Session(("a",), None, 10_000)
+    closed.close(CloseReason.CLIENT_CLOSED)
+    closed.live_from(key(5))
+    assert closed.phase is Phase.CLOSING
+
+
 def test_the_id_rule_drops_repeats_and_older_ids() -> None:
     session = live()
     assert session.offer(frame(2), b"w2") == FIRST
