@@ -730,9 +730,13 @@ def check_uvicorn() -> None:
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
-    state, config = ServerState(), Config(app=_forwarded_only, interface="asgi3")
+    # Not a Config instance: making one configures logging for the whole process.
+    options = inspect.signature(Config.__init__).parameters
+    state = ServerState()
     lacking = [f"ServerState.{name}" for name in SERVER_STATE if not hasattr(state, name)]
-    lacking += [f"Config.{name}" for name in CONFIG if not hasattr(config, name)]
+    lacking += [
+        f"Config.{name}" for name in CONFIG if name not in options and not hasattr(Config, name)
+    ]
     if lacking:
         raise RuntimeError(
             f"this uvicorn lacks {', '.join(lacking)}: gateway/protocol.py needs updating for it"

@@ -274,3 +274,18 @@ def test_any_close_cuts_a_stream_s_opening_short() -> None:
         assert isinstance(task.exception(), TimeoutError)
 
     asyncio.run(scenario())
+
+
+def test_checking_uvicorn_leaves_the_process_logging_alone() -> None:
+    """``check_uvicorn`` runs when the protocol class is made: it must not configure logging
+    (making a ``uvicorn.Config`` does), which would bring back a disabled access log."""
+    import logging
+
+    access = logging.getLogger("uvicorn.access")
+    saved = access.handlers, access.propagate
+    access.handlers, access.propagate = [], False
+    try:
+        check_uvicorn()
+        assert (access.handlers, access.propagate) == ([], False)
+    finally:
+        access.handlers, access.propagate = saved
