@@ -234,8 +234,15 @@ class Hub:
         dirty = self.dirty
         for sub in list(self.subscribers):
             sink = sub.sink
-            if sink is not None and sub.stall(sink.buffered(), now, send_timeout):
-                continue
+            if sink is not None:
+                buffered = sink.buffered()
+                # (``stall`` with nothing buffered and no stall begun changes nothing)
+                if (buffered or sub.stalled_since is not None) and sub.stall(
+                    buffered, now, send_timeout
+                ):
+                    continue
+            if sub.last_write > quiet_since:
+                continue  # written to within the heartbeat: no ping due (as ``heartbeat`` says)
             if sub.heartbeat(quiet_since, through) == FIRST:
                 dirty.append(sub)
         if dirty and not self._flush_pending:

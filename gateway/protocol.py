@@ -550,7 +550,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
     ) -> None:
         """``200`` with ``headers``, chunked, and the body's first chunk: one write (and the
         access line uvicorn would write)."""
-        access = logging.getLogger("uvicorn.access")
+        access = ACCESS_LOG
         if access.hasHandlers():
             access.info(
                 '%s - "%s %s HTTP/%s" %d', get_client_addr(scope), "GET",
@@ -624,6 +624,8 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         return delegate
 
 
+ACCESS_LOG = logging.getLogger("uvicorn.access")
+"""uvicorn's access logger (``--no-access-log`` leaves it no handler)."""
 FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
 """The headers uvicorn's proxy-headers step reads: without them it changes nothing."""
 UNUSUAL_HEADERS = frozenset({b"expect", b"upgrade", b"content-length", b"transfer-encoding"})

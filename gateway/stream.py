@@ -308,7 +308,7 @@ class EventStream:
             session.last_write = started
             if settings.tcp_keepalive:
                 keep_alive_transport(connection.transport, settings.tcp_keepalive)
-            stream.timers = self._timers(session, identity)
+            stream.timers = self._timers(session, identity, connection.loop)
             sink.watch(stream.lost)
         except Exception:
             # Never into the protocol's callback: drop the connection, and let the session's
@@ -357,7 +357,7 @@ class EventStream:
         self.metrics.connections_total.inc()
         try:
             # Inside the try: whatever fails from here, the finally below undoes it all.
-            timers = self._timers(session, identity)
+            timers = self._timers(session, identity, loop)
             if settings.tcp_keepalive:
                 enable_keepalive(send, settings.tcp_keepalive)
             direct = direct_sink(scope, send)
@@ -421,10 +421,13 @@ class EventStream:
             )
         return reason
 
-    def _timers(self, session: Session, identity: Identity) -> list[asyncio.TimerHandle]:
+    def _timers(
+        self, session: Session, identity: Identity, loop: asyncio.AbstractEventLoop
+    ) -> list[asyncio.TimerHandle]:
         """Token expiry and maximum lifetime: each ends the stream with a farewell."""
-        loop = asyncio.get_running_loop()
-        timers = []
+        timers: list[asyncio.TimerHandle] = []
+        if identity.grant is None and not self.settings.max_lifetime:
+            return timers
         seconds_left = self.authorizer.seconds_left(identity)
         if seconds_left is not None and identity.grant is not None:
             exp = identity.grant.expires
