@@ -189,11 +189,17 @@ class TokenVerifier:
         return grant_from_claims(claims)
 
     def verify_now(self, token: str) -> Grant | None:
-        """:meth:`verify` when no key has to be fetched (no JWKS is configured); else None."""
+        """:meth:`verify` when no key has to be fetched (the JWKS, if any, holds fresh keys for
+        the token's ``kid``); else None."""
+        algorithm, kid = self._algorithm(token)
+        if algorithm in HMAC_ALGORITHMS:
+            return grant_from_claims(self._decode(token, algorithm, self.secrets))
+        keys = self._public_keys(algorithm)
         if self.jwks is not None:
-            return None
-        algorithm, _ = self._algorithm(token)
-        keys = self.secrets if algorithm in HMAC_ALGORITHMS else self._public_keys(algorithm)
+            found = self.jwks.keys_now(kid if isinstance(kid, str) else None)
+            if found is None:
+                return None
+            keys += [key for key in found if algorithm in _algorithms_for(key)]
         return grant_from_claims(self._decode(token, algorithm, keys))
 
     def _algorithm(self, token: str) -> tuple[str, object]:

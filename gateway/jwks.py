@@ -76,15 +76,26 @@ class JwksCache:
 
     async def keys(self, kid: str | None) -> list[Any]:
         """The keys that may have signed a token with this ``kid`` (all keys for no kid)."""
-        now = time.monotonic()
-        stale = self._keys is None or now - self._fetched_at > MAX_AGE
-        fetching = self._fetch is not None and not self._fetch.done()
-        may_fetch = fetching or now - self._attempted_at >= MIN_REFETCH_INTERVAL
-        if may_fetch and (stale or not self._lookup(kid)):
+        if self._must_fetch(kid):
             await self._refresh()
         if self._keys is None:
             raise auth_unavailable("the JWKS could not be read")
         return self._lookup(kid)
+
+    def keys_now(self, kid: str | None) -> list[Any] | None:
+        """What :meth:`keys` returns when it would neither wait for a fetch nor refuse; None
+        when it would."""
+        if self._keys is None or self._must_fetch(kid):
+            return None
+        return self._lookup(kid)
+
+    def _must_fetch(self, kid: str | None) -> bool:
+        """Stale keys, or none for this ``kid``, and a fetch under way or allowed again."""
+        now = time.monotonic()
+        stale = self._keys is None or now - self._fetched_at > MAX_AGE
+        fetching = self._fetch is not None and not self._fetch.done()
+        may_fetch = fetching or now - self._attempted_at >= MIN_REFETCH_INTERVAL
+        return may_fetch and (stale or not self._lookup(kid))
 
     def _lookup(self, kid: str | None) -> list[Any]:
         if self._keys is None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -23,6 +26,7 @@ from gateway.config import Settings
 from gateway.protocol import StreamFront, protocol_class
 from publisher.protocol import make_message
 from tests.support.clients import ChunkedDecoder
+from tests.support.tokens import claims, rsa_jwk, rsa_key, sign
 from tests.support.waiting import wait_until_async
 
 TIMEOUT = 5.0
@@ -385,3 +389,55 @@ def test_a_failure_while_opening_drops_that_connection_and_leaves_nothing_behind
 
     run(scenario)
     assert "broken transport" in caplog.text
+
+
+def test_a_token_checked_against_cached_jwks_keys_opens_below_the_request_cycle() -> None:
+    """A key the node holds fresh from its JWKS verifies without a wait; a ``kid`` it does not
+    hold sends the request through uvicorn, which decides as before."""
+    key, rotated = rsa_key(), rsa_key()
+    served = [rsa_jwk(key, "k1")]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"keys": served}).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    jwks = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=jwks.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{jwks.server_address[1]}/jwks.json"
+
+    def token(signer: Any, kid: str) -> str:
+        return sign(claims(subscribe=["t"]), signer, "RS256", headers={"kid": kid})
+
+    async def scenario() -> None:
+        async with node(jwks_url=url, allow_anonymous=False) as (_gateway, server, port):
+            holder = await Client.connect(port)
+            await holder.send(events_request(f"t&token={token(key, 'k1')}"))
+            await holder.read_until(b": ok\n\n")  # through uvicorn: the first on ``t``
+            cached = await Client.connect(port)
+            await cached.send(events_request(f"t&token={token(key, 'k1')}"))
+            await cached.read_until(b": ok\n\n")
+            assert served_directly(server) == 1
+            # a kid the node does not hold: through uvicorn, which may fetch the set again
+            # (at a bounded rate: here too soon after the first fetch, so a 401)
+            unknown = await Client.connect(port)
+            await unknown.send(events_request(f"t&token={token(rotated, 'k2')}"))
+            await unknown.read_raw_until(b"invalid_token")
+            assert unknown.raw.startswith(b"HTTP/1.1 401 ")
+            assert served_directly(server) == 1
+            for client in (holder, cached, unknown):
+                client.close()
+
+    try:
+        run(scenario)
+    finally:
+        jwks.shutdown()
+        jwks.server_close()
+        thread.join(5)
