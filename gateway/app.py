@@ -297,7 +297,7 @@ class Gateway:
         self.hub.close_all("shutdown")
 
     @contextlib.asynccontextmanager
-    async def lifespan(self, app: Starlette) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         await self.engine.start()
         await self.hub.start()
         await self.authorizer.start()
@@ -314,8 +314,7 @@ class Gateway:
         if self.demo is not None:
             self.demo.start(page_url(self.settings.host, self.settings.port))
         try:
-            # The listener's protocol finds the stream handler here (``gateway.protocol``).
-            yield {STREAMS_STATE: self.stream}
+            yield
         finally:
             if self.announcing is not None:
                 self.announcing.cancel()
@@ -544,6 +543,14 @@ class StreamRouter:
         """Anonymous on loopback: refuse non-loopback ``Host`` names (DNS rebinding)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "lifespan"
+            and isinstance(scope.get("state"), dict)
+            and isinstance(self.stream, EventStream)
+        ):
+            # The listener's protocol (``gateway.protocol.StreamFront``) finds the stream
+            # handler in the server's lifespan state; a server without one just never asks.
+            scope["state"].setdefault(STREAMS_STATE, self.stream)
         if scope["type"] == "http":
             if self.guard_host and (refusal := host_not_allowed(scope)) is not None:
                 await refusal(scope, receive, send)

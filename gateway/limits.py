@@ -182,8 +182,7 @@ PUBLIC_ADDRESS_RATE = 50.0
 """New streams per second per public address (bursts of twice that) while none is set."""
 
 
-@functools.lru_cache(maxsize=4096)
-def is_public(address: str) -> bool:
+def _is_public(address: str) -> bool:
     """Whether ``address`` is a globally routable IP address: never a balancer's private,
     loopback or link-local one (anything unparsable counts as not public)."""
     try:
@@ -195,8 +194,7 @@ def is_public(address: str) -> bool:
     return ip.is_global
 
 
-@functools.lru_cache(maxsize=4096)
-def address_key(address: str) -> str:
+def _address_key(address: str) -> str:
     """What the per-address limits count: an IPv6 client by its /64, which one host or one
     home usually holds whole (so it cannot dodge them by changing address within it)."""
     if ":" not in address:
@@ -208,6 +206,28 @@ def address_key(address: str) -> str:
     if ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ipaddress.IPv6Network((ip, 64), strict=False))
+
+
+CACHED_ADDRESS_CHARS = 64
+"""Addresses at most this long are remembered (an IPv6 address with a zone fits): a longer one,
+which a forwarding header can carry, is parsed each time rather than kept."""
+_is_public_cached = functools.lru_cache(maxsize=4096)(_is_public)
+_address_key_cached = functools.lru_cache(maxsize=4096)(_address_key)
+
+
+def is_public(address: str) -> bool:
+    """Whether ``address`` is a globally routable IP address: never a balancer's private,
+    loopback or link-local one (anything unparsable counts as not public)."""
+    if len(address) > CACHED_ADDRESS_CHARS:
+        return _is_public(address)
+    return _is_public_cached(address)
+
+
+def address_key(address: str) -> str:
+    """What the per-address limits count: an IPv6 client by its /64."""
+    if len(address) > CACHED_ADDRESS_CHARS:
+        return _address_key(address)
+    return _address_key_cached(address)
 
 
 def rate_limiter(rate: float) -> RateLimiter | None:

@@ -121,8 +121,18 @@ def guards_host(settings: Settings) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=1024)
 def is_loopback_name(host: bytes | None) -> bool:
+    """Whether a ``Host`` no outside page can rebind to this machine (:func:`_loopback_name`);
+    remembered for names of a usual length only, since the client chooses them."""
+    if host is not None and len(host) > CACHED_HOST_BYTES:
+        return _loopback_name(host)
+    return _loopback_name_cached(host)
+
+
+CACHED_HOST_BYTES = 256
+
+
+def _loopback_name(host: bytes | None) -> bool:
     """A ``Host`` that no outside page can rebind to this machine: ``localhost``,
     ``*.localhost`` (RFC 6761), a loopback address, or a single-label name (public DNS serves
     none, so an attacker's page never has one). No ``Host`` (HTTP/1.0) is not a browser."""
@@ -138,6 +148,9 @@ def is_loopback_name(host: bytes | None) -> bool:
     except ValueError:
         return "." not in name
     return is_loopback_address(name)
+
+
+_loopback_name_cached = functools.lru_cache(maxsize=1024)(_loopback_name)
 
 
 def host_not_allowed(scope: Scope) -> HTTPError | None:

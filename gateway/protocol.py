@@ -307,6 +307,8 @@ class DirectStreams(typing.Protocol):
 EVENTS_REQUEST_LINES = (b"GET /events?", b"GET /events ")
 EVENTS_PREFIX_BYTES = len(EVENTS_REQUEST_LINES[0])
 LAST_CHUNK = b"0\r\n\r\n"
+PENDING_BOUND = 65536
+"""Bytes kept behind an open stream's request before reading pauses (uvicorn's high-water)."""
 
 
 async def _forwarded_only(scope: Any, receive: Any, send: Any) -> None:
@@ -326,8 +328,9 @@ class HeadWatch:
         self.deadlines: dict[HeadGuard, float] = {}
         self.timer: asyncio.TimerHandle | None = None
 
-    def watch(self, guard: HeadGuard) -> None:
-        self.deadlines[guard] = self.loop.time() + self.timeout
+    def watch(self, guard: HeadGuard, seconds: float | None = None) -> None:
+        """(Re)start ``guard``'s deadline: ``seconds`` (the head timeout unless given) from now."""
+        self.deadlines[guard] = self.loop.time() + (self.timeout if seconds is None else seconds)
         if self.timer is None:
             self.timer = self.loop.call_later(self.tick, self._sweep)
 
@@ -374,7 +377,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
     for it and calls :meth:`shutdown`) and writes the access line and the default headers."""
 
     __slots__ = (
-        "app_state", "config", "headers",
+        "app_state", "config", "headers", "idle",
         "keep_alive", "loop", "lost_listener", "message_complete", "messages", "parser",
         "pending", "plain", "received", "server_state", "serving", "transport", "url", "watch",
     )  # fmt: skip
@@ -397,6 +400,8 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         self.pending = b""
         self.parser: Any = None
         self.serving = False
+        self.idle = False
+        """A kept-alive connection waiting for its next request."""
         self.keep_alive = True
         self.lost_listener: Callable[[], object] | None = None
         """Called once when the connection is lost while a stream is served."""
@@ -430,12 +435,18 @@ class StreamFront(HeadGuard, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.serving:
-            # Bytes behind an event stream's request: kept for the request that follows it on
-            # this connection (within the head bound; more is not a client).
+            # Bytes behind an event stream's request: the request that follows it on this
+            # connection, read once the stream ends. Past a bound, reading pauses, as uvicorn
+            # pauses behind a pipelined request.
             self.pending += data
-            if len(self.pending) > self.max_head_bytes:
-                self.transport.abort()
+            if len(self.pending) >= PENDING_BOUND:
+                self.transport.pause_reading()
             return
+        if self.idle:
+            # The first byte of a kept-alive connection's next request: its head has
+            # ``header_timeout`` from now, as on a fresh connection.
+            self.idle = False
+            self.watch.watch(self)
         received = self.received = self.received + data
         self._head_begun = True
         if self.parser is None:
@@ -566,10 +577,10 @@ class StreamFront(HeadGuard, asyncio.Protocol):
 
     def end_response(self, last: bytes, abort: bool = False) -> None:
         """End the stream: its last chunks and the terminating one (or drop the connection when
-        ``abort``); a kept-alive connection then goes to uvicorn for its next request."""
+        ``abort``). A kept-alive connection's next request is then read afresh, as its first
+        was: direct again if it can be, else by uvicorn."""
         self.serving = False
         self.lost_listener = None
-        self.server_state.total_requests += 1
         transport = self.transport
         if transport.is_closing():
             return
@@ -577,18 +588,34 @@ class StreamFront(HeadGuard, asyncio.Protocol):
             transport.abort()
             return
         transport.write(last + LAST_CHUNK)
+        self.server_state.total_requests += 1
         if not self.keep_alive:
             transport.close()
             return
         pending, self.pending = self.pending, b""
-        delegate = self._hand_over()
-        if pending:
-            delegate.data_received(pending)
-        else:
-            delegate._head_done()
-            delegate.timeout_keep_alive_task = self.loop.call_later(
-                self.config.timeout_keep_alive, delegate.timeout_keep_alive_handler
+        self._head_done()
+        self.server_state.connections.discard(self)
+        front = type(self)(
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.app_state,
+            _loop=self.loop,
+        )
+        transport.set_protocol(front)
+        front.connection_made(transport)
+        transport.resume_reading()
+        if not pending:
+            # Idle until the next request: closed silently after uvicorn's keep-alive timeout.
+            front.idle = True
+            front.watch.watch(front, self.config.timeout_keep_alive)
+            return
+        try:
+            front.data_received(pending)
+        except Exception as exc:  # as uvloop does when a protocol's read callback fails
+            self.loop.call_exception_handler(
+                {"message": "reading a kept-alive request failed", "exception": exc}
             )
+            transport.abort()
 
     def shutdown(self) -> None:
         """The server is stopping: a stream ends its connection when it ends (the drain ends

@@ -234,6 +234,44 @@ def test_a_kept_alive_connection_serves_its_next_request_once_the_stream_ends() 
     run(scenario)
 
 
+def test_the_next_request_on_a_kept_alive_connection_is_read_afresh() -> None:
+    """After a direct stream ends, the connection's next ``GET /events`` is direct again, and
+    bytes a client sent behind an open stream (70 KB: past the bound, reading pauses) wait
+    for it to end and are then answered as uvicorn answers them."""
+
+    async def scenario() -> None:
+        async with node(max_lifetime=0.5) as (gateway, server, port):
+            holder = await Client.connect(port)
+            await holder.send(events_request("t"))
+            await holder.read_until(b": ok\n\n")
+            again = await Client.connect(port)
+            for _ in range(2):
+                again.head = again.body = again.raw = b""
+                again.chunks = ChunkedDecoder()
+                await again.send(events_request("t"))
+                await again.read_until(b": ok\n\n")
+                assert served_directly(server) == 1
+                async with asyncio.timeout(TIMEOUT):
+                    while not again.chunks.done:
+                        again.body += again.chunks.feed(await again.reader.read(65536))
+            behind = await Client.connect(port)
+            await behind.send(events_request("t"))
+            await behind.read_until(b": ok\n\n")
+            padding = b"X-Pad: " + b"x" * 70_000 + b"\r\n"
+            await behind.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + padding + b"\r\n")
+            published = await gateway.engine.publish(make_message("t", "still streaming"))
+            await behind.read_until(f"id: {published}".encode())
+            async with asyncio.timeout(TIMEOUT):
+                while not behind.chunks.done:
+                    behind.body += behind.chunks.feed(await behind.reader.read(65536))
+            answer = await behind.read_to_end()
+            assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+            for client in (holder, again, behind):
+                client.close()
+
+    run(scenario)
+
+
 def test_a_trusted_proxy_forwards_the_address_that_the_limits_count() -> None:
     """uvicorn's proxy-headers rule applies to direct streams too: behind a trusted proxy, the
     per-address limits count the forwarded address."""
