@@ -354,11 +354,15 @@ class HeadWatch:
 _head_watches: weakref.WeakKeyDictionary[Any, HeadWatch] = weakref.WeakKeyDictionary()
 
 
-def _head_watch(server_state: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> HeadWatch:
-    """The watch of one server (its ``ServerState``): connections of that server share it."""
+def _head_watch(
+    server_state: Any, loop: asyncio.AbstractEventLoop | None, timeout: float
+) -> HeadWatch:
+    """The watch of one server (its ``ServerState``): connections of that server share it, and
+    its loop (uvicorn does not always pass one, and asking asyncio costs a system call)."""
     watch = _head_watches.get(server_state)
     if watch is None:
-        watch = _head_watches[server_state] = HeadWatch(loop, timeout)
+        running = loop or asyncio.get_running_loop()
+        watch = _head_watches[server_state] = HeadWatch(running, timeout)
     return watch
 
 
@@ -395,7 +399,8 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         self.config = config
         self.server_state = server_state
         self.app_state = app_state
-        self.loop = _loop or asyncio.get_event_loop()
+        self.watch = _head_watch(server_state, _loop, self.header_timeout)
+        self.loop = self.watch.loop
         self.received = b""
         self.pending = b""
         self.parser: Any = None
@@ -409,7 +414,6 @@ class StreamFront(HeadGuard, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
         self.server_state.connections.add(self)
-        self.watch = _head_watch(self.server_state, self.loop, self.header_timeout)
         self._guard_start()
 
     # the head's deadline is kept by the server's HeadWatch, not by a timer of its own

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qsl
 
 import jwt
 import pytest
@@ -24,6 +25,7 @@ import uvicorn
 from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.protocol import StreamFront, protocol_class
+from gateway.stream import MAX_QUERY_FIELDS, query_fields
 from publisher.protocol import make_message
 from tests.support.clients import ChunkedDecoder
 from tests.support.tokens import claims, rsa_jwk, rsa_key, sign
@@ -479,3 +481,25 @@ def test_a_token_checked_against_cached_jwks_keys_opens_below_the_request_cycle(
         jwks.shutdown()
         jwks.server_close()
         thread.join(5)
+
+
+def test_the_quick_query_parse_is_parse_qsl() -> None:
+    """``query_fields`` skips ``parse_qsl``'s decoding only when there is nothing to decode;
+    its answers (and its refusal of too many fields) are ``parse_qsl``'s."""
+    queries = [
+        "", "a", "a=", "=b", "a=b", "a=b=c", "&&", "a&b", "a=1&&b=2&", "topic=x&topic=y",
+        "é=ü", "a;b=c", "a=b;c", "t=%41&x=+", "a+b=c%20d", "&" * 254, "&" * 255, "&" * 256,
+        "x=" + "&y=" * 255, "x=" + "&y=" * 256, "topic=news&since=1&types=a,b&token=e.y.z",
+    ]  # fmt: skip
+
+    def parsed(parse: Callable[[str], list[tuple[str, str]]], query: str) -> object:
+        try:
+            return parse(query)
+        except ValueError:
+            return "refused"
+
+    def reference(query: str) -> list[tuple[str, str]]:
+        return parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+
+    for query in queries:
+        assert parsed(query_fields, query) == parsed(reference, query), query[:40]
