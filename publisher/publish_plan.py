@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar
 
 from redis.exceptions import (
     BusyLoadingError,
@@ -285,6 +285,25 @@ _T = TypeVar("_T")
 Plan: TypeAlias = Generator[Command, Any, _T]
 """Yields commands, is sent each command's result (``Any``: each command says what its result
 is) or thrown the exception that carrying it out raised, and returns what the plan is for."""
+
+
+@dataclass(frozen=True, slots=True)
+class Done(Generic[_T]):
+    """A plan's end: what it was for."""
+
+    value: _T
+
+
+def advance(
+    plan: Plan[_T], result: Any = None, failure: Exception | None = None
+) -> Command | Done[_T]:
+    """Hand ``plan`` what its last command gave (its result, or the error carrying it out
+    raised) and take its next command, or its end. The plan's own final error propagates.
+    Start a plan with ``advance(plan)``; each driver is a loop around this."""
+    try:
+        return plan.send(result) if failure is None else plan.throw(failure)
+    except StopIteration as done:
+        return Done(done.value)
 
 
 class PublishPlan:

@@ -12,6 +12,7 @@ only turn its commands into redis-py calls, blocking or awaited."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 import urllib.parse
@@ -36,6 +37,7 @@ from publisher.publish_plan import (
     Attempt,
     Command,
     CountReplicas,
+    Done,
     Failure,
     LoadScript,
     NotReplicated,
@@ -46,6 +48,7 @@ from publisher.publish_plan import (
     Replication,
     RunScripts,
     Sleep,
+    advance,
     attached_replicas,
     clock_position,
     is_transient,
@@ -201,23 +204,17 @@ class RedisTransport:
         self.client.close()
 
     def _drive(self, plan: Plan[_T]) -> _T:
-        """Carry out the plan's commands until it returns; an error is the plan's to judge."""
-        try:
-            result: Any = None
-            failure: Exception | None = None
-            while True:
+        """Carry out the plan's commands until it ends; an error is the plan's to judge."""
+        with contextlib.closing(plan):
+            step = advance(plan)
+            while not isinstance(step, Done):
                 try:
-                    command = plan.send(result) if failure is None else plan.throw(failure)
-                except StopIteration as done:
-                    value: _T = done.value
-                    return value
-                result, failure = None, None
-                try:
-                    result = self._do(command)
+                    result = self._do(step)
                 except Exception as exc:
-                    failure = exc
-        finally:
-            plan.close()
+                    step = advance(plan, failure=exc)
+                else:
+                    step = advance(plan, result)
+            return step.value
 
     def _do(self, command: Command) -> Any:
         match command:
@@ -279,23 +276,17 @@ class AsyncRedisTransport:
         await self.client.aclose()
 
     async def _drive(self, plan: Plan[_T]) -> _T:
-        """Carry out the plan's commands until it returns; an error is the plan's to judge."""
-        try:
-            result: Any = None
-            failure: Exception | None = None
-            while True:
+        """Carry out the plan's commands until it ends; an error is the plan's to judge."""
+        with contextlib.closing(plan):
+            step = advance(plan)
+            while not isinstance(step, Done):
                 try:
-                    command = plan.send(result) if failure is None else plan.throw(failure)
-                except StopIteration as done:
-                    value: _T = done.value
-                    return value
-                result, failure = None, None
-                try:
-                    result = await self._do(command)
+                    result = await self._do(step)
                 except Exception as exc:
-                    failure = exc
-        finally:
-            plan.close()
+                    step = advance(plan, failure=exc)
+                else:
+                    step = advance(plan, result)
+            return step.value
 
     async def _do(self, command: Command) -> Any:
         match command:

@@ -20,6 +20,7 @@ from publisher.publish_plan import (
     Attempt,
     Command,
     CountReplicas,
+    Done,
     NotReplicated,
     Plan,
     PublishPlan,
@@ -27,6 +28,7 @@ from publisher.publish_plan import (
     Reconnect,
     RunScripts,
     Sleep,
+    advance,
     script_call,
 )
 
@@ -85,23 +87,19 @@ class ScriptedRedis:
 def drive(plan: PublishPlan, steps: Plan[_T], redis: ScriptedRedis) -> _T:
     """What both transports do: carry out each command and hand back its result, or throw in
     the exception it raised; an ``Attempt`` is the plan's own ``attempt``, driven the same way."""
-    result: Any = None
-    failure: Exception | None = None
-    while True:
+    step = advance(steps)
+    while not isinstance(step, Done):
         try:
-            command = steps.send(result) if failure is None else steps.throw(failure)
-        except StopIteration as done:
-            value: _T = done.value
-            return value
-        result, failure = None, None
-        try:
-            if isinstance(command, Attempt):
-                redis.commands.append(command)
-                result = drive(plan, plan.attempt(command.messages, command.priors), redis)
+            if isinstance(step, Attempt):
+                redis.commands.append(step)
+                result = drive(plan, plan.attempt(step.messages, step.priors), redis)
             else:
-                result = redis.answer(command)
+                result = redis.answer(step)
         except Exception as exc:
-            failure = exc
+            step = advance(steps, failure=exc)
+        else:
+            step = advance(steps, result)
+    return step.value
 
 
 def new_plan(redis: ScriptedRedis, **options: Any) -> PublishPlan:
