@@ -134,26 +134,53 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         pass
 
 
-class LoadBalancer:
+class LoopServer:
+    """A TCP server on a free loopback port, run by a loop thread of its own: the shape every
+    proxy below shares. A subclass sets what ``_accept`` needs, then calls ``__init__``."""
+
+    backlog = 100
+
+    def __init__(self, name: str) -> None:
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._thread = LoopThread(name)
+        self._thread.run(self._listen())
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(
+            self._accept, "127.0.0.1", 0, backlog=self.backlog
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await cancel_all()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._thread.run(self._stop(), 20)
+        self._thread.close()
+
+
+class LoadBalancer(LoopServer):
     """A round-robin TCP proxy on a free loopback port. Like an L4 load balancer, it tries the
     next backend when one refuses the connection; ``remove``/``add`` change the pool."""
+
+    backlog = 2048
 
     def __init__(self, backends: Iterable[int], connect_timeout: float = 2.0) -> None:
         self.backends = list(backends)
         self.connect_timeout = connect_timeout
-        self.port = 0
         self.accepted = 0
         self.failed_connects = 0
         self.unrouted = 0
         self._turn = 0
         self._links: dict[asyncio.StreamWriter, tuple[int, asyncio.StreamWriter]] = {}
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = LoopThread("chaos-load-balancer")
-        self._thread.run(self._listen())
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, backlog=2048)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        super().__init__("chaos-load-balancer")
 
     def add(self, port: int) -> None:
         async def add() -> None:
@@ -220,17 +247,10 @@ class LoadBalancer:
                 side.close()
 
     async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
         for client, (_, upstream) in list(self._links.items()):
             client.transport.abort()
             upstream.transport.abort()
-        await cancel_all()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.run(self._stop(), 20)
-        self._thread.close()
+        await super()._stop()
 
 
 # -- a proxy that loses replies ----------------------------------------------------------------
@@ -270,7 +290,7 @@ def _commands(buffer: bytes) -> tuple[list[list[bytes]], bytes]:
 _TAG = re.compile(rb'"tag":"([^"]+)"')
 
 
-class ReplyCutter:
+class ReplyCutter(LoopServer):
     """A TCP proxy in front of Redis that loses replies: for the EVAL/EVALSHA commands numbered
     in ``cut_at`` (counted across connections, from 1) it forwards the command, and when
     Redis's reply comes back (so the script ran) it cuts both connections instead of
@@ -281,18 +301,11 @@ class ReplyCutter:
         self.cut_at = set(cut_at)
         self.evals = 0
         self.cut: list[str] = []
-        self.port = 0
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = LoopThread("chaos-reply-cutter")
-        self._thread.run(self._listen())
+        super().__init__("chaos-reply-cutter")
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -335,18 +348,8 @@ class ReplyCutter:
             writer.transport.abort()
             upstream.transport.abort()
 
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        await cancel_all()
 
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.run(self._stop(), 20)
-        self._thread.close()
-
-
-class FreezingProxy:
+class FreezingProxy(LoopServer):
     """A TCP proxy in front of Redis for gateway nodes. ``freeze_pubsub`` makes every pub/sub
     connection open now silently dead: bytes are swallowed both ways and nothing is closed,
     as when a NAT or firewall forgets a connection (``freeze`` does it to one connection, by
@@ -356,23 +359,16 @@ class FreezingProxy:
 
     def __init__(self, redis_port: int, name: str = "chaos-freezing-proxy") -> None:
         self.redis_port = redis_port
-        self.port = 0
         self.black = False
         self.links: list[dict[str, bool]] = []
         self.upstream_ports: list[int] = []
         """The local port of each connection to Redis, in the order they were opened."""
         self._by_port: dict[int, dict[str, bool]] = {}
-        self._server: asyncio.AbstractServer | None = None
-        self._thread = LoopThread(name)
-        self._thread.run(self._listen())
+        super().__init__(name)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
-
-    async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
 
     def _freeze(self, pubsub_only: bool) -> int:
         """Freeze the open connections (only the pub/sub ones if asked); return how many."""
@@ -465,16 +461,6 @@ class FreezingProxy:
             writer.transport.abort()
             if upstream is not None:
                 upstream.transport.abort()
-
-    async def _stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        await cancel_all()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._thread.run(self._stop(), 20)
-        self._thread.close()
 
 
 # -- a proxy that blackholes -----------------------------------------------------------------
