@@ -382,7 +382,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
 
     __slots__ = (
         "app_state", "config", "headers", "idle",
-        "keep_alive", "loop", "lost_listener", "message_complete", "messages", "parser",
+        "keep_alive", "loop", "lost_listener", "marked", "message_complete", "messages", "parser",
         "pending", "plain", "received", "server_state", "serving", "transport", "url", "watch",
     )  # fmt: skip
 
@@ -463,6 +463,8 @@ class StreamFront(HeadGuard, asyncio.Protocol):
                 return
             self.url = b""
             self.headers: list[tuple[bytes, bytes]] = []
+            self.marked: set[bytes] = set()
+            """Which of :data:`MARKED_HEADERS` the head has (noted as the parser reports them)."""
             self.messages = 0
             self.plain: bool | None = None
             self.message_complete = False
@@ -489,7 +491,10 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value.rstrip(b" \t")))
+        name = name.lower()
+        if name in MARKED_HEADERS:
+            self.marked.add(name)
+        self.headers.append((name, value.rstrip(b" \t")))
 
     def on_headers_complete(self) -> None:
         # Read here: once the message is complete, llhttp has reset what these report.
@@ -510,7 +515,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
             and self.plain is True
             and not self.config.root_path
             and self.config.limit_concurrency is None
-            and not any(name in UNUSUAL_HEADERS for name, _ in self.headers)
+            and self.marked.isdisjoint(UNUSUAL_HEADERS)
         ):
             scope = self._scope()
         if scope is None:
@@ -523,7 +528,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
             return
         self._head_done()
         self.received = self.url = b""
-        self.headers = []
+        del self.headers, self.marked  # nothing reads the head again
 
     def _scope(self) -> dict[str, Any] | None:
         """The request as uvicorn would give it to the app (behind its proxy-headers step),
@@ -552,7 +557,7 @@ class StreamFront(HeadGuard, asyncio.Protocol):
         }
         if (
             self.config.proxy_headers
-            and any(name in FORWARDING_HEADERS for name, _ in self.headers)
+            and not self.marked.isdisjoint(FORWARDING_HEADERS)
             and not _run_at_once(_proxy_headers(self.config)(scope, None, None))
         ):
             return None
@@ -661,6 +666,7 @@ FORWARDING_HEADERS = frozenset({b"x-forwarded-for", b"x-forwarded-proto"})
 """The headers uvicorn's proxy-headers step reads: without them it changes nothing."""
 UNUSUAL_HEADERS = frozenset({b"expect", b"upgrade", b"content-length", b"transfer-encoding"})
 """A ``GET /events`` with one of these is left to uvicorn (a body, an upgrade, 100-continue)."""
+MARKED_HEADERS = FORWARDING_HEADERS | UNUSUAL_HEADERS
 
 
 def _address(info: Any) -> tuple[str, int] | None:
