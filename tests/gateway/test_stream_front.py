@@ -98,6 +98,19 @@ class Client:
                     self.head, _, data = self.raw.partition(b"\r\n\r\n")
                 self.body += self.chunks.feed(data)
 
+    async def read_response_end(self) -> None:
+        """Read the stream to its terminating chunk."""
+        async with asyncio.timeout(TIMEOUT):
+            while not self.chunks.done:
+                data = await self.reader.read(65536)
+                assert data, f"closed before the last chunk: {self.body!r}"
+                self.body += self.chunks.feed(data)
+
+    def next_response(self) -> None:
+        """Forget the last response: the connection's next one is read from its head."""
+        self.head = self.body = self.raw = b""
+        self.chunks = ChunkedDecoder()
+
     async def read_raw_until(self, wanted: bytes) -> None:
         async with asyncio.timeout(TIMEOUT):
             while wanted not in self.raw:
@@ -216,9 +229,7 @@ def test_a_kept_alive_connection_serves_its_next_request_once_the_stream_ends() 
             await kept.send(events_request("t"))
             await kept.read_until(b": ok\n\n")
             assert served_directly(server) == 1
-            async with asyncio.timeout(TIMEOUT):
-                while not kept.chunks.done:
-                    kept.body += kept.chunks.feed(await kept.reader.read(65536))
+            await kept.read_response_end()
             assert kept.body.endswith(b"\n\n")
             assert b"retry:" in kept.body.split(b": ok\n\n", 1)[1]
             await kept.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -248,14 +259,11 @@ def test_the_next_request_on_a_kept_alive_connection_is_read_afresh() -> None:
             await holder.read_until(b": ok\n\n")
             again = await Client.connect(port)
             for _ in range(2):
-                again.head = again.body = again.raw = b""
-                again.chunks = ChunkedDecoder()
+                again.next_response()
                 await again.send(events_request("t"))
                 await again.read_until(b": ok\n\n")
                 assert served_directly(server) == 1
-                async with asyncio.timeout(TIMEOUT):
-                    while not again.chunks.done:
-                        again.body += again.chunks.feed(await again.reader.read(65536))
+                await again.read_response_end()
             behind = await Client.connect(port)
             await behind.send(events_request("t"))
             await behind.read_until(b": ok\n\n")
@@ -263,9 +271,7 @@ def test_the_next_request_on_a_kept_alive_connection_is_read_afresh() -> None:
             await behind.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + padding + b"\r\n")
             published = await gateway.engine.publish(make_message("t", "still streaming"))
             await behind.read_until(f"id: {published}".encode())
-            async with asyncio.timeout(TIMEOUT):
-                while not behind.chunks.done:
-                    behind.body += behind.chunks.feed(await behind.reader.read(65536))
+            await behind.read_response_end()
             answer = await behind.read_to_end()
             assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
             for client in (holder, again, behind):
