@@ -40,11 +40,16 @@ REPLAY_DEADLINE = 6.0
 """Seconds after a cut within which every client has its replay (Redis still full)."""
 
 
-def _cut_all(lb: LoadBalancer, nodes: list[GatewayProcess]) -> None:
-    """Drop every client connection at the load balancer, as a network blip would."""
+def _cut_all(
+    lb: LoadBalancer, nodes: list[GatewayProcess], clients: list[SSEClient]
+) -> dict[SSEClient, int]:
+    """Drop every client connection at the load balancer, as a network blip would. Returns
+    each client's count of streams opened before the cut (a replay is awaited on a new one)."""
+    opened = {client: client.streams for client in clients}
     for node in nodes:
         lb.remove(node.port, close_open=True)
         lb.add(node.port)
+    return opened
 
 
 def _oom(admin: redis.Redis, key: str) -> bool:
@@ -56,13 +61,19 @@ def _oom(admin: redis.Redis, key: str) -> bool:
     return False
 
 
-def _await_replays(clients: list[SSEClient], before: Ledger, when: str) -> tuple[float, list[str]]:
-    """Wait until every client is connected and has everything acknowledged before Redis
-    filled up; return how long that took, and what went wrong."""
+def _await_replays(
+    clients: list[SSEClient], before: Ledger, opened: dict[SSEClient, int], when: str
+) -> tuple[float, list[str]]:
+    """Wait until every client is connected again, on a stream opened after the cut, and has
+    everything acknowledged before Redis filled up; return how long that took, and what went
+    wrong. (Without the new stream, a client that had not yet noticed the cut passed at once.)"""
     began = time.monotonic()
     try:
         wait_until(
-            lambda: all(c.connected and c.last_key >= before.newest(c.topics) for c in clients),
+            lambda: all(
+                c.connected and c.streams > opened[c] and c.last_key >= before.newest(c.topics)
+                for c in clients
+            ),
             "every client to have its replay",
             REPLAY_DEADLINE,
         )
@@ -107,18 +118,18 @@ def test_replays_work_and_publishes_fail_clearly_while_redis_is_full(chaos: Chao
         assert _oom(admin, f"{chaos.prefix}:oom-check"), "Redis still accepts writes"
         wait_until(lambda: bool(publisher.failed), "a publish to be refused", 5)
         before = Ledger([publisher])
-        _cut_all(lb, nodes)
+        opened = _cut_all(lb, nodes, clients)
         chaos.pool.resume(away)
         cut_at = time.monotonic()
-        replayed, found = _await_replays(clients, before, "after the cut")
+        replayed, found = _await_replays(clients, before, opened, "after the cut")
         problems.extend(found)
         # A node restarted while Redis is full starts, and serves the replays of its share.
         nodes[1].stop(signal.SIGKILL)
         began = time.monotonic()
         nodes[1] = chaos.restart(nodes[1])
         restarted = time.monotonic() - began
-        _cut_all(lb, nodes)
-        replayed_again, found = _await_replays(clients, before, "after a node restart")
+        opened = _cut_all(lb, nodes, clients)
+        replayed_again, found = _await_replays(clients, before, opened, "after a node restart")
         problems.extend(found)
         on_restarted = lb.open_to(nodes[1].port)
         closes = _closes(clients)
